@@ -1,0 +1,320 @@
+"""BuildActivities: one method per activity, dependencies injected, each idempotent under retry."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import json
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Any, Awaitable, Callable, Mapping, TypeVar
+
+from e2b import CommandExitException
+from temporalio import activity
+
+from activities.files import validate_working_files
+from activities.runner import Runner
+from activities.sandbox import SandboxClient, classify_sandbox_error, preview_client
+from genloop.errors import ErrorKind, GenloopError, to_application_error
+from persistence.repository import JobRepository
+from workflows.stages import Stage
+from workflows.types import (
+    ChecksResult,
+    CodeResult,
+    FileManifestEntry,
+    FinishInput,
+    FinishResult,
+    KillSandboxInput,
+    SandboxInfo,
+    SandboxInput,
+    ScaffoldState,
+    TransitionInput,
+)
+
+log = logging.getLogger("genloop.activities")
+
+T = TypeVar("T")
+
+HEARTBEAT_EVERY_S = 2.0
+INSTALL_TIMEOUT_S = 900
+HEALTH_DEADLINE_S = 60.0
+STDERR_TAIL_CHARS = 2000
+APP_PIDFILE = ".genloop-app.pid"
+
+# Output fragments that mean "the network failed", not "the dependency is wrong": retry those.
+_NETWORK_MARKERS = (
+    "Temporary failure in name resolution",
+    "Connection refused",
+    "Connection reset",
+    "ConnectTimeout",
+    "ReadTimeout",
+    "Network is unreachable",
+    "ECONNRESET",
+    "ETIMEDOUT",
+    "EAI_AGAIN",
+    "ENOTFOUND",
+)
+
+
+def _failures_as_application_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Every failure leaves an activity as an ApplicationError typed by its ErrorKind, so the
+    workflow's retry policies (non_retryable_error_types) and failure handling see one taxonomy."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except asyncio.CancelledError:
+            raise
+        except GenloopError as err:
+            raise to_application_error(err) from None
+        except Exception as exc:  # noqa: BLE001 - classified, never swallowed
+            raise to_application_error(classify_sandbox_error(exc)) from exc
+
+    return wrapper
+
+
+async def _heartbeating(awaitable: Awaitable[T], details: str) -> T:
+    """Await while heartbeating, so cancellation reaches long work and a dead worker is noticed."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_EVERY_S)
+            if done:
+                return task.result()
+            activity.heartbeat(details)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+
+
+def _parse_at(at: str) -> datetime:
+    return datetime.fromisoformat(at) if at else datetime.now(timezone.utc)
+
+
+def _tail(text: str | None, limit: int = STDERR_TAIL_CHARS) -> str:
+    text = (text or "").strip()
+    return text[-limit:]
+
+
+class BuildActivities:
+    def __init__(
+        self,
+        repo: JobRepository,
+        sandboxes: SandboxClient,
+        runners: Mapping[str, Runner],
+        *,
+        app_port: int = 8080,
+        health_deadline_s: float = HEALTH_DEADLINE_S,
+    ) -> None:
+        self.repo = repo
+        self.sandboxes = sandboxes
+        self.runners = runners
+        self.app_port = app_port
+        self.health_deadline_s = health_deadline_s
+
+    def all(self) -> list[Callable[..., Any]]:
+        return [
+            self.record_transition,
+            self.create_initial_state,
+            self.generate_code,
+            self.provision_sandbox,
+            self.install_dependencies,
+            self.start_and_check,
+            self.finish_build,
+            self.kill_build_sandboxes,
+        ]
+
+    # --- persistence (run as local activities: short DB writes, no server round trip) ---
+
+    @activity.defn(name="record_transition")
+    @_failures_as_application_errors
+    async def record_transition(self, inp: TransitionInput) -> None:
+        if inp.stage == Stage.STARTING.value:
+            await self.repo.create_job(
+                inp.build_id, inp.project_id, inp.goal, workflow_id=inp.workflow_id, run_id=inp.run_id
+            )
+        await self.repo.transition(
+            inp.build_id,
+            Stage(inp.stage),
+            message=inp.message,
+            at=_parse_at(inp.at),
+            error_message=inp.error_message,
+            error_detail=inp.error_detail,
+            debug_id=inp.debug_id,
+            run_id=inp.run_id or None,
+        )
+
+    @activity.defn(name="finish_build")
+    @_failures_as_application_errors
+    async def finish_build(self, inp: FinishInput) -> FinishResult:
+        job = await self.repo.finish_ready(
+            inp.build_id,
+            sandbox_id=inp.sandbox_id,
+            preview_url=inp.preview_url,
+            workspace_path=inp.workspace_path,
+            message=Stage.READY.label,
+            at=_parse_at(inp.at),
+        )
+        return FinishResult(build_version=job.build_version or "")
+
+    # --- SCAFFOLD ---
+
+    @activity.defn(name="create_initial_state")
+    @_failures_as_application_errors
+    async def create_initial_state(self, state: ScaffoldState) -> ScaffoldState:
+        if state.runner not in self.runners:
+            raise GenloopError(ErrorKind.INVALID_INPUT, f"unknown runner {state.runner!r}")
+        if not state.goal.strip():
+            raise GenloopError(ErrorKind.INVALID_INPUT, "empty goal")
+        return state
+
+    # --- CODE ---
+
+    @activity.defn(name="generate_code")
+    @_failures_as_application_errors
+    async def generate_code(self, state: ScaffoldState) -> CodeResult:
+        runner = self.runners.get(state.runner)
+        if runner is None:
+            raise GenloopError(ErrorKind.INVALID_INPUT, f"unknown runner {state.runner!r}")
+        runner_state = {
+            "session_id": state.session_id,
+            "project_path": state.project_path,
+            "project_id": state.project_id,
+            "goal": state.goal,
+        }
+        try:
+            final_state = await _heartbeating(runner.run(runner_state), "runner")
+        except (GenloopError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a runner bug is permanent for this build
+            raise GenloopError(ErrorKind.RUNNER_FAILED, f"{type(exc).__name__}: {exc}") from exc
+        files = validate_working_files(final_state.get("working_files"))
+        # Claim check: contents go to the blob store; the history carries the manifest only.
+        manifest: list[FileManifestEntry] = []
+        for f in files:
+            digest = await self.repo.put_blob(f.content)
+            manifest.append(FileManifestEntry(path=f.path, digest=digest, size=len(f.content), change_type=f.change_type))
+        manifest_digest = hashlib.sha256(
+            json.dumps([[m.path, m.digest] for m in manifest]).encode()
+        ).hexdigest()
+        return CodeResult(files=manifest, manifest_digest=manifest_digest, total_bytes=sum(m.size for m in manifest))
+
+    # --- DEPS ---
+
+    @activity.defn(name="provision_sandbox")
+    @_failures_as_application_errors
+    async def provision_sandbox(self, inp: SandboxInput) -> SandboxInfo:
+        sandbox = await self.sandboxes.create(inp.build_id, inp.project_id)
+        # Record the id before anything else can fail, so failure handling can always kill it.
+        await self.repo.set_sandbox(inp.build_id, sandbox.sandbox_id, inp.workspace_path)
+        await sandbox.set_timeout(self.sandboxes.config.timeout_s)
+        blobs = await self.repo.get_blobs([f.digest for f in inp.files])
+        entries = [{"path": f"{inp.workspace_path}/{f.path}", "data": blobs[f.digest]} for f in inp.files]
+        if entries:
+            await _heartbeating(sandbox.files.write_files(entries), "writing files")
+        activity.logger.info("sandbox %s ready for build %s (%d files)", sandbox.sandbox_id, inp.build_id, len(entries))
+        return SandboxInfo(sandbox_id=sandbox.sandbox_id, workspace_path=inp.workspace_path)
+
+    @activity.defn(name="install_dependencies")
+    @_failures_as_application_errors
+    async def install_dependencies(self, inp: SandboxInput) -> str:
+        paths = {f.path for f in inp.files}
+        if "requirements.txt" in paths:
+            cmd, what = "python3 -m venv .venv && .venv/bin/pip install --disable-pip-version-check -r requirements.txt", "pip"
+        elif "package.json" in paths:
+            cmd, what = "npm install --no-audit --no-fund", "npm"
+        else:
+            return "none"
+        sandbox = await self.sandboxes.connect(_require(inp.sandbox_id))
+        try:
+            await _heartbeating(
+                sandbox.commands.run(cmd, cwd=inp.workspace_path, timeout=INSTALL_TIMEOUT_S), f"installing ({what})"
+            )
+        except CommandExitException as exc:
+            output = f"{exc.stderr or ''}\n{exc.stdout or ''}"
+            kind = ErrorKind.NETWORK if any(m in output for m in _NETWORK_MARKERS) else ErrorKind.DEPENDENCY_INSTALL_FAILED
+            raise GenloopError(kind, f"{what} install exited {exc.exit_code}: {_tail(output)}") from None
+        return what
+
+    # --- CHECKS ---
+
+    @activity.defn(name="start_and_check")
+    @_failures_as_application_errors
+    async def start_and_check(self, inp: SandboxInput) -> ChecksResult:
+        sandbox = await self.sandboxes.connect(_require(inp.sandbox_id))
+        preview_url = self.sandboxes.preview_url(sandbox, self.app_port)
+        async with preview_client(timeout=5.0) as http:
+            if await _healthy(http, preview_url):  # a retried check after a successful start
+                return ChecksResult(preview_url=preview_url, port=self.app_port)
+            procfile = await sandbox.files.read(f"{inp.workspace_path}/Procfile")
+            web_cmd = _web_command(procfile)
+            stderr: list[str] = []
+            # The pidfile makes a retried start replace, not race, the previous attempt's process.
+            launch = (
+                f"[ -f {APP_PIDFILE} ] && kill $(cat {APP_PIDFILE}) 2>/dev/null; echo $$ > {APP_PIDFILE}; "
+                f"[ -d .venv ] && export PATH=\"$PWD/.venv/bin:$PATH\"; exec {web_cmd}"
+            )
+            handle = await sandbox.commands.run(
+                launch,
+                background=True,
+                cwd=inp.workspace_path,
+                envs={"PORT": str(self.app_port)},
+                timeout=0,  # a server: the SDK's default 60 s deadline would kill it
+                on_stderr=stderr.append,
+            )
+            exited = asyncio.ensure_future(handle.wait())
+            deadline = time.monotonic() + self.health_deadline_s
+            try:
+                while time.monotonic() < deadline:
+                    if exited.done():
+                        break
+                    if await _healthy(http, preview_url):
+                        await handle.disconnect()
+                        return ChecksResult(preview_url=preview_url, port=self.app_port)
+                    activity.heartbeat("waiting for /health")
+                    await asyncio.sleep(0.2)
+            finally:
+                if not exited.done():
+                    exited.cancel()
+            reason = "exited before answering /health" if exited.done() else f"did not answer /health within {self.health_deadline_s:.0f}s"
+            raise GenloopError(ErrorKind.APP_CHECK_FAILED, f"the app {reason}. stderr tail:\n{_tail(''.join(stderr))}")
+
+    # --- cleanup ---
+
+    @activity.defn(name="kill_build_sandboxes")
+    @_failures_as_application_errors
+    async def kill_build_sandboxes(self, inp: KillSandboxInput) -> int:
+        """Kill the build's sandbox, and any the metadata says belong to it (a create whose answer
+        was lost)."""
+        ids = set(await self.sandboxes.find_for_build(inp.build_id))
+        if inp.sandbox_id:
+            ids.add(inp.sandbox_id)
+        killed = 0
+        for sandbox_id in sorted(ids):
+            killed += bool(await self.sandboxes.kill(sandbox_id))
+        return killed
+
+
+async def _healthy(http: Any, preview_url: str) -> bool:
+    try:
+        return (await http.get(f"{preview_url}/health")).status_code == 200
+    except Exception:  # noqa: BLE001 - not up yet
+        return False
+
+
+def _web_command(procfile: str) -> str:
+    for line in procfile.splitlines():
+        name, sep, cmd = line.partition(":")
+        if sep and name.strip() == "web" and cmd.strip():
+            return cmd.strip()
+    raise GenloopError(ErrorKind.APP_CHECK_FAILED, "Procfile has no `web:` process")
+
+
+def _require(sandbox_id: str | None) -> str:
+    if not sandbox_id:
+        raise GenloopError(ErrorKind.INVALID_INPUT, "no sandbox id")
+    return sandbox_id
+

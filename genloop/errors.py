@@ -1,0 +1,86 @@
+"""The one error taxonomy. Pure (no I/O imports): the workflow, activities, API and CLI share it.
+
+Each kind says whether a retry can help and what the user is told. Activities raise
+`GenloopError(kind, detail)`; `to_application_error` turns it into the Temporal failure whose `type`
+is the kind's name, so retry policies list permanent kinds in `non_retryable_error_types`.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+FRIENDLY_DEFAULT = "The preview environment could not be started. Please try again."
+
+
+class ErrorKind(str, Enum):
+    # transient: a retry may succeed
+    RATE_LIMITED = "RateLimited"
+    SERVICE_BUSY = "ServiceBusy"
+    SANDBOX_UNREACHABLE = "SandboxUnreachable"
+    DATABASE_UNAVAILABLE = "DatabaseUnavailable"
+    NETWORK = "NetworkError"
+    # permanent: retrying repeats the failure
+    AUTH_FAILED = "AuthFailed"
+    INVALID_INPUT = "InvalidInput"
+    BAD_GENERATED_FILES = "BadGeneratedFiles"
+    APP_CHECK_FAILED = "AppCheckFailed"
+    DEPENDENCY_INSTALL_FAILED = "DependencyInstallFailed"
+    SANDBOX_GONE = "SandboxGone"
+    RUNNER_FAILED = "RunnerFailed"
+    ILLEGAL_TRANSITION = "IllegalTransition"
+    NOT_FOUND = "NotFound"
+    CONFLICT = "Conflict"
+
+    @property
+    def transient(self) -> bool:
+        return self in _TRANSIENT
+
+    @property
+    def friendly(self) -> str:
+        return _FRIENDLY.get(self, FRIENDLY_DEFAULT)
+
+
+_TRANSIENT = frozenset(
+    {
+        ErrorKind.RATE_LIMITED,
+        ErrorKind.SERVICE_BUSY,
+        ErrorKind.SANDBOX_UNREACHABLE,
+        ErrorKind.DATABASE_UNAVAILABLE,
+        ErrorKind.NETWORK,
+    }
+)
+
+_FRIENDLY = {
+    ErrorKind.BAD_GENERATED_FILES: "The generated app could not be prepared safely. Please try again.",
+    ErrorKind.APP_CHECK_FAILED: "The generated app did not start correctly. Please try again.",
+    ErrorKind.DEPENDENCY_INSTALL_FAILED: "The app's dependencies could not be installed. Please try again.",
+    ErrorKind.RUNNER_FAILED: "We could not generate code for this request. Please try again.",
+    ErrorKind.INVALID_INPUT: "The request could not be processed. Please check it and try again.",
+}
+
+PERMANENT_ERROR_TYPES = tuple(k.value for k in ErrorKind if not k.transient)
+
+
+class GenloopError(Exception):
+    """An error of a known kind. `detail` is internal (support and logs), never shown to users."""
+
+    def __init__(self, kind: ErrorKind, detail: str = "") -> None:
+        super().__init__(f"{kind.value}: {detail}" if detail else kind.value)
+        self.kind = kind
+        self.detail = detail
+
+    @property
+    def friendly(self) -> str:
+        return self.kind.friendly
+
+
+def to_application_error(err: GenloopError):
+    # Imported lazily so this module stays importable where temporalio is not wanted.
+    from temporalio.exceptions import ApplicationError
+
+    return ApplicationError(
+        err.detail or err.kind.value,
+        {"kind": err.kind.value, "friendly": err.friendly},
+        type=err.kind.value,
+        non_retryable=not err.kind.transient,
+    )

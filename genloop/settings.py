@@ -1,0 +1,227 @@
+"""The one settings object: temporal-dev.yaml, overridden by environment variables.
+
+Lookup order for a key: a standard variable where one exists (TEMPORAL_ADDRESS, E2B_API_KEY, ...),
+then GENLOOP_<SECTION>_<KEY>, then the YAML file (GENLOOP_CONFIG, default: temporal-dev.yaml at the
+repository root), then the defaults below. Bad values raise ConfigError with the offending key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_FILE = REPO_ROOT / "temporal-dev.yaml"
+
+
+class ConfigError(ValueError):
+    """Invalid configuration: the message names the key and what is wrong."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TemporalSettings(_Section):
+    ip: str = "127.0.0.1"
+    port: int = Field(7233, ge=1, le=65535)
+    ui_port: int = Field(8233, ge=1, le=65535)
+    namespace: str = "default"
+    address: str = ""  # TEMPORAL_ADDRESS; empty: ip:port of the local dev server
+    db_file: str = "temporal.db"
+    sqlite_pragmas: dict[str, str] = Field(default_factory=lambda: {"journal_mode": "wal", "synchronous": "normal"})
+    search_attributes: dict[str, Literal["keyword", "text", "int", "double", "bool", "datetime"]] = Field(
+        default_factory=lambda: {"BuildStage": "keyword", "ProjectId": "keyword", "BuildVersion": "keyword"}
+    )
+    task_queue: str = "genloop-builds"
+
+    @property
+    def target(self) -> str:
+        return self.address or f"{self.ip}:{self.port}"
+
+    @property
+    def ui_url(self) -> str:
+        return f"http://{self.ip}:{self.ui_port}"
+
+
+class WorkerSettings(_Section):
+    max_concurrent_activities: int = Field(200, ge=1)
+    max_concurrent_local_activities: int = Field(200, ge=1)
+    max_concurrent_workflow_tasks: int = Field(100, ge=2)
+    sweep_interval_s: float = Field(300, ge=0)
+
+
+class DatabaseSettings(_Section):
+    url: str = ""
+
+
+class SandboxSettings(_Section):
+    api_url: str = ""
+    api_key: SecretStr = SecretStr("")
+    template: str = "base"
+    timeout_s: int = Field(3600, ge=1)
+    app_port: int = Field(8080, ge=1, le=65535)
+    workspace: str = "/home/user/project"
+
+
+class SandboxHostSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(49983, ge=1, le=65535)
+    state_dir: str = "sandboxes"
+    api_key: SecretStr = SecretStr("")
+    default_timeout_s: int = Field(300, ge=1)
+    max_timeout_s: int = Field(86400, ge=1)
+    max_sandboxes: int = Field(200, ge=1)
+    memory_limit_mb: int = Field(1024, ge=16)
+    max_processes: int = Field(256, ge=8)
+    max_file_size_mb: int = Field(512, ge=1)
+    max_upload_mb: int = Field(100, ge=1)
+    unsafe_no_isolation: bool = False
+
+
+class ApiSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    token: SecretStr = SecretStr("")
+    max_body_bytes: int = Field(65536, ge=1024)
+
+
+class RunnerSettings(_Section):
+    kind: Literal["template", "llm"] = "template"
+    llm_api_key: SecretStr = SecretStr("")
+
+
+class Settings(_Section):
+    data_dir: Path = Path(".genloop")
+    temporal: TemporalSettings = TemporalSettings()
+    worker: WorkerSettings = WorkerSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    sandbox: SandboxSettings = SandboxSettings()
+    sandbox_host: SandboxHostSettings = SandboxHostSettings()
+    api: ApiSettings = ApiSettings()
+    runner: RunnerSettings = RunnerSettings()
+
+    # --- derived values: one place computes them ---
+    def resolve(self, path: str | Path) -> Path:
+        p = Path(path)
+        return p if p.is_absolute() else (self.data_dir / p)
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite+aiosqlite:///{self.resolve('genloop.db').resolve()}"
+
+    @property
+    def sandbox_host_url(self) -> str:
+        return f"http://{self.sandbox_host.host}:{self.sandbox_host.port}"
+
+    @property
+    def uses_e2b_cloud(self) -> bool:
+        return not self.sandbox.api_url and bool(self.sandbox.api_key.get_secret_value())
+
+    @property
+    def sandbox_api_url(self) -> str | None:
+        """None means the SDK's own default (E2B cloud)."""
+        if self.sandbox.api_url:
+            return self.sandbox.api_url
+        return None if self.uses_e2b_cloud else self.sandbox_host_url
+
+    @property
+    def sandbox_api_key(self) -> str:
+        key = self.sandbox.api_key.get_secret_value()
+        return key or self.sandbox_host.api_key.get_secret_value() or "genloop-local"
+
+    @property
+    def api_requires_token(self) -> bool:
+        return bool(self.api.token.get_secret_value())
+
+    def check_api_binding(self) -> None:
+        if not self.api_requires_token and not _is_loopback(self.api.host):
+            raise ConfigError(
+                f"api.host={self.api.host!r} is not a loopback address and GENLOOP_API_TOKEN is not set: "
+                "refusing to serve builds to the network without authentication"
+            )
+
+
+# Standard variables (and short aliases) mapped to their settings keys.
+_STANDARD_ENV = {
+    "TEMPORAL_ADDRESS": ("temporal", "address"),
+    "TEMPORAL_NAMESPACE": ("temporal", "namespace"),
+    "E2B_API_KEY": ("sandbox", "api_key"),
+    "E2B_API_URL": ("sandbox", "api_url"),
+    "GENLOOP_API_TOKEN": ("api", "token"),
+    "GENLOOP_DATABASE_URL": ("database", "url"),
+    "GENLOOP_LLM_API_KEY": ("runner", "llm_api_key"),
+}
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _env_overrides(environ: dict[str, str], raw: dict[str, Any]) -> dict[str, Any]:
+    merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for name, field in Settings.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, _Section):
+            section = merged.setdefault(name, {})
+            for key in annotation.model_fields:
+                env = f"GENLOOP_{name}_{key}".upper()
+                if env in environ:
+                    section[key] = _parse_env(environ[env])
+        else:
+            env = f"GENLOOP_{name}".upper()
+            if env in environ:
+                merged[name] = environ[env]
+    for env, (section, key) in _STANDARD_ENV.items():
+        if environ.get(env):
+            merged.setdefault(section, {})[key] = environ[env]
+    return merged
+
+
+def _parse_env(value: str) -> Any:
+    # JSON-ish values (mappings for pragmas / search attributes) parse as YAML; scalars stay strings
+    # and pydantic coerces them.
+    if value.startswith("{"):
+        return yaml.safe_load(value)
+    return value
+
+
+def load_settings(config_file: str | Path | None = None, environ: dict[str, str] | None = None) -> Settings:
+    environ = dict(os.environ if environ is None else environ)
+    path = Path(config_file or environ.get("GENLOOP_CONFIG") or DEFAULT_CONFIG_FILE)
+    raw: dict[str, Any] = {}
+    if path.exists():
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        raw = loaded
+    elif config_file or environ.get("GENLOOP_CONFIG"):
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        settings = Settings.model_validate(_env_overrides(environ, raw))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid configuration ({path}): {problems}") from None
+    if not settings.data_dir.is_absolute():
+        base = path.parent if path.exists() else Path.cwd()
+        settings = settings.model_copy(update={"data_dir": (base / settings.data_dir).resolve()})
+    return settings
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()

@@ -1,0 +1,86 @@
+"""Config and generated-file validation: bad input gets a clear, specific error."""
+
+from __future__ import annotations
+
+import pytest
+
+from activities.files import MAX_FILE_BYTES, validate_working_files
+from activities.runner import TemplateRunner, working_file
+from genloop.errors import ErrorKind, GenloopError
+from genloop.settings import ConfigError, load_settings
+
+
+def test_env_overrides_yaml(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("api:\n  port: 9000\nsandbox:\n  app_port: 8081\n")
+    s = load_settings(cfg, environ={"GENLOOP_API_PORT": "9100", "E2B_API_KEY": "e2b_secret", "TEMPORAL_ADDRESS": "t:7233"})
+    assert s.api.port == 9100 and s.sandbox.app_port == 8081
+    assert s.temporal.target == "t:7233"
+    assert s.uses_e2b_cloud and s.sandbox_api_url is None
+    assert "e2b_secret" not in repr(s) and "e2b_secret" not in str(s.model_dump())
+
+
+def test_local_sandbox_host_by_default(tmp_path):
+    s = load_settings(environ={})
+    assert not s.uses_e2b_cloud
+    assert s.sandbox_api_url == f"http://{s.sandbox_host.host}:{s.sandbox_host.port}"
+    assert s.database_url.startswith("sqlite+aiosqlite:///")
+
+
+@pytest.mark.parametrize(
+    "yaml_text,env,needle",
+    [
+        ("api:\n  port: 70000\n", {}, "api.port"),
+        ("api:\n  prot: 1\n", {}, "api.prot"),
+        ("runner:\n  kind: gpt\n", {}, "runner.kind"),
+        ("- a\n- b\n", {}, "mapping"),
+        ("api: [\n", {}, "YAML"),
+        ("", {"GENLOOP_WORKER_MAX_CONCURRENT_ACTIVITIES": "lots"}, "worker.max_concurrent_activities"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, yaml_text, env, needle):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml_text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, environ=env)
+    assert needle in str(info.value)
+
+
+def test_missing_explicit_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.yaml", environ={})
+
+
+def test_non_loopback_api_needs_token(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("api:\n  host: 0.0.0.0\n")
+    with pytest.raises(ConfigError, match="GENLOOP_API_TOKEN"):
+        load_settings(cfg, environ={}).check_api_binding()
+    load_settings(cfg, environ={"GENLOOP_API_TOKEN": "t0ken"}).check_api_binding()
+
+
+async def test_template_runner_output_is_valid_and_escaped():
+    state = await TemplateRunner().run({"goal": "<script>alert(1)</script>"})
+    files = {f.path: f.content.decode() for f in validate_working_files(state["working_files"])}
+    assert set(files) == {"app.py", "Procfile", "README.md", ".env.example"}
+    assert "<script>" not in files["app.py"] and "&lt;script&gt;" in files["app.py"]
+    assert files["Procfile"].startswith("web: ")
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["../x", "a/../../x", "/etc/passwd", "~/x", "a\x00b", "a\\..\\b", "", ".", "a/..", "x" * 300],
+)
+def test_escaping_paths_rejected(path):
+    with pytest.raises(GenloopError) as info:
+        validate_working_files({path: working_file(path, "x")})
+    assert info.value.kind is ErrorKind.BAD_GENERATED_FILES and not info.value.kind.transient
+
+
+def test_missing_content_and_oversize_rejected():
+    with pytest.raises(GenloopError, match="no new_content"):
+        validate_working_files({"a.py": {"path": "a.py", "content": "x"}})  # the origin's key mix-up
+    with pytest.raises(GenloopError, match="limit"):
+        validate_working_files({"big": working_file("big", "x" * (MAX_FILE_BYTES + 1))})
+    with pytest.raises(GenloopError, match="no files"):
+        validate_working_files({})

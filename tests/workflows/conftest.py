@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import contextlib
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import pytest
+from temporalio.client import Client, WorkflowHandle
+
+from activities.build import BuildActivities
+from activities.runner import TemplateRunner
+from activities.sandbox import SandboxClient, SandboxConfig
+from genloop.settings import load_settings
+from genloop.temporal import build_worker
+from persistence.repository import JobRepository
+from tests.helpers import doubles
+from tests.helpers.stack_fixtures import sandbox_host, temporal_client, temporal_env  # noqa: F401  (fixtures)
+from workflows.types import WORKFLOW_NAME, BuildRequest
+
+
+@dataclass
+class BuildStack:
+    """One worker on its own task queue, over the shared dev server, sandbox host and a database."""
+
+    client: Client
+    repo: JobRepository
+    sandboxes: SandboxClient
+    task_queue: str
+    runners: dict[str, Any] = field(default_factory=dict)
+
+    async def start(self, goal: str = "a todo list for cats", *, project_id: str | None = None,
+                    runner: str = "template", build_id: str | None = None) -> WorkflowHandle:
+        build_id = build_id or f"b-{uuid.uuid4().hex[:12]}"
+        req = BuildRequest(build_id=build_id, project_id=project_id or f"p-{uuid.uuid4().hex[:8]}", goal=goal, runner=runner)
+        return await self.client.start_workflow(WORKFLOW_NAME, req, id=build_id, task_queue=self.task_queue)
+
+
+@pytest.fixture
+async def build_stack(temporal_client, sandbox_host, repo) -> AsyncIterator[BuildStack]:
+    async with make_stack(temporal_client, sandbox_host, repo) as stack:
+        yield stack
+
+
+def sandbox_config(host) -> SandboxConfig:
+    return SandboxConfig(api_key=host.api_key, api_url=host.url, template="base", timeout_s=3600)
+
+
+@contextlib.asynccontextmanager
+async def make_stack(client, host, repo, *, sandbox_client_cls=SandboxClient, health_deadline_s: float = 20):
+    runners: dict[str, Any] = {
+        "template": TemplateRunner(),
+        "rate-limited": doubles.RateLimitedRunnerDouble(failures=2),
+        "crashing": doubles.CrashingRunnerDouble(),
+        "broken-app": doubles.BrokenAppRunnerDouble(),
+        "traversal": doubles.TraversalRunnerDouble(),
+        "slow": doubles.SlowRunnerDouble(),
+        "slow-start": doubles.SlowStartRunnerDouble(),
+        "with-dependency": doubles.DependencyRunnerDouble(),
+    }
+    sandboxes = sandbox_client_cls(sandbox_config(host))
+    acts = BuildActivities(repo, sandboxes, runners, health_deadline_s=health_deadline_s)
+    task_queue = f"tq-{uuid.uuid4().hex}"
+    worker = build_worker(client, load_settings(), acts.all(), task_queue=task_queue)
+    async with worker:
+        yield BuildStack(client=client, repo=repo, sandboxes=sandboxes, task_queue=task_queue, runners=runners)
+

@@ -1,0 +1,293 @@
+"""BuildWorkflow: STARTING -> SCAFFOLD -> CODE -> DEPS -> CHECKS -> READY, durably.
+
+Deterministic orchestration only: activities are called by name (no activity, DB or SDK imports),
+time is workflow.now(), the debug_id is workflow.uuid4().
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy, SearchAttributeKey
+from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.workflow import ActivityCancellationType
+
+with workflow.unsafe.imports_passed_through():
+    from genloop.errors import FRIENDLY_DEFAULT, PERMANENT_ERROR_TYPES, ErrorKind
+    from workflows.stages import Stage, is_allowed
+    from workflows.types import (
+        CANCEL_SIGNAL,
+        STATUS_QUERY,
+        WORKFLOW_NAME,
+        BuildRequest,
+        BuildResult,
+        BuildStatus,
+        CancelRequest,
+        ChecksResult,
+        CodeResult,
+        FinishInput,
+        FinishResult,
+        KillSandboxInput,
+        SandboxInfo,
+        SandboxInput,
+        ScaffoldState,
+        Transition,
+        TransitionInput,
+    )
+
+BUILD_STAGE = SearchAttributeKey.for_keyword("BuildStage")
+PROJECT_ID = SearchAttributeKey.for_keyword("ProjectId")
+BUILD_VERSION = SearchAttributeKey.for_keyword("BuildVersion")
+SEARCH_ATTRIBUTES = (BUILD_STAGE, PROJECT_ID, BUILD_VERSION)
+
+WORKSPACE_PATH = "/home/user/project"
+
+
+def _retry(max_attempts: int, max_interval_s: float = 30) -> RetryPolicy:
+    return RetryPolicy(
+        initial_interval=timedelta(seconds=1),
+        backoff_coefficient=2.0,
+        maximum_interval=timedelta(seconds=max_interval_s),
+        maximum_attempts=max_attempts,
+        non_retryable_error_types=list(PERMANENT_ERROR_TYPES),
+    )
+
+
+# Short DB writes: local activities, retried until the database is back (bounded by schedule_to_close).
+_DB_WRITE = dict(
+    start_to_close_timeout=timedelta(seconds=15),
+    schedule_to_close_timeout=timedelta(minutes=10),
+    retry_policy=_retry(max_attempts=0, max_interval_s=5),
+)
+_LONG = dict(cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED)
+_ACTIVITY_OPTIONS: dict[str, dict] = {
+    "create_initial_state": dict(start_to_close_timeout=timedelta(seconds=30), retry_policy=_retry(5)),
+    "generate_code": dict(
+        start_to_close_timeout=timedelta(minutes=10), heartbeat_timeout=timedelta(seconds=20), retry_policy=_retry(6), **_LONG
+    ),
+    "provision_sandbox": dict(
+        start_to_close_timeout=timedelta(minutes=3), heartbeat_timeout=timedelta(seconds=20), retry_policy=_retry(6), **_LONG
+    ),
+    "install_dependencies": dict(
+        start_to_close_timeout=timedelta(minutes=20), heartbeat_timeout=timedelta(seconds=30), retry_policy=_retry(4), **_LONG
+    ),
+    "start_and_check": dict(
+        start_to_close_timeout=timedelta(minutes=3), heartbeat_timeout=timedelta(seconds=20), retry_policy=_retry(4), **_LONG
+    ),
+    "kill_build_sandboxes": dict(start_to_close_timeout=timedelta(seconds=60), retry_policy=_retry(6, max_interval_s=10)),
+}
+
+
+class _Cancelled(Exception):
+    """Raised inside the pipeline when a cancel arrived between activities."""
+
+
+@workflow.defn(name=WORKFLOW_NAME)
+class BuildWorkflow:
+    @workflow.init
+    def __init__(self, req: BuildRequest) -> None:
+        self._req = req
+        self._status = BuildStatus(
+            build_id=req.build_id, project_id=req.project_id, stage=Stage.QUEUED.value, label=Stage.QUEUED.label
+        )
+        self._stage = Stage.QUEUED
+        self._cancel_reason: str | None = None
+        self._pipeline: asyncio.Task | None = None
+
+    # --- interface ---
+
+    @workflow.query(name=STATUS_QUERY)
+    def status(self) -> BuildStatus:
+        return self._status
+
+    @workflow.signal(name=CANCEL_SIGNAL)
+    def cancel(self, req: CancelRequest) -> None:
+        if self._stage.terminal or self._cancel_reason is not None:
+            return
+        self._cancel_reason = req.reason or "cancelled"
+        if self._pipeline is not None and not self._pipeline.done():
+            self._pipeline.cancel()
+
+    @workflow.run
+    async def run(self, req: BuildRequest) -> BuildResult:
+        workflow.upsert_search_attributes([PROJECT_ID.value_set(req.project_id)])
+        self._pipeline = asyncio.create_task(self._build(req))
+        try:
+            return await self._pipeline
+        except (asyncio.CancelledError, _Cancelled):
+            workflow_cancelled = self._cancel_reason is None
+            if workflow_cancelled:
+                self._cancel_reason = "the workflow was cancelled"
+            result = await self._finish_cancelled()
+            if workflow_cancelled:
+                raise
+            return result
+        except ActivityError as err:
+            if self._cancel_reason is not None:
+                return await self._finish_cancelled()
+            raise await self._fail(err) from None
+
+    # --- the pipeline ---
+
+    async def _build(self, req: BuildRequest) -> BuildResult:
+        await self._enter(Stage.STARTING)
+
+        await self._enter(Stage.SCAFFOLD)
+        state = await self._activity(
+            "create_initial_state",
+            ScaffoldState(
+                session_id=req.build_id,
+                project_path=WORKSPACE_PATH,
+                goal=req.goal,
+                project_id=req.project_id,
+                runner=req.runner,
+            ),
+            ScaffoldState,
+        )
+
+        await self._enter(Stage.CODE)
+        code: CodeResult = await self._activity("generate_code", state, CodeResult)
+        self._status.message = f"{len(code.files)} files written"
+
+        await self._enter(Stage.DEPS)
+        sandbox_input = SandboxInput(
+            build_id=req.build_id, project_id=req.project_id, workspace_path=WORKSPACE_PATH, files=code.files
+        )
+        info: SandboxInfo = await self._activity("provision_sandbox", sandbox_input, SandboxInfo)
+        self._status.sandbox_id = info.sandbox_id
+        self._status.workspace_path = info.workspace_path
+        sandbox_input.sandbox_id = info.sandbox_id
+        await self._activity("install_dependencies", sandbox_input, str)
+
+        await self._enter(Stage.CHECKS)
+        checks: ChecksResult = await self._activity("start_and_check", sandbox_input, ChecksResult)
+        self._status.preview_url = checks.preview_url
+
+        self._check_not_cancelled()
+        finished: FinishResult = await workflow.execute_local_activity(
+            "finish_build",
+            FinishInput(
+                build_id=req.build_id,
+                project_id=req.project_id,
+                sandbox_id=info.sandbox_id,
+                preview_url=checks.preview_url,
+                workspace_path=info.workspace_path,
+                at=workflow.now().isoformat(),
+            ),
+            result_type=FinishResult,
+            summary="Allocate version, record READY",
+            **_DB_WRITE,
+        )
+        self._status.build_version = finished.build_version
+        self._set_stage(Stage.READY, Stage.READY.label)
+        workflow.upsert_search_attributes([BUILD_VERSION.value_set(finished.build_version)])
+        return BuildResult(
+            status=Stage.READY.value,
+            sandbox_id=info.sandbox_id,
+            preview_url=checks.preview_url,
+            build_version=finished.build_version,
+            workspace_path=info.workspace_path,
+            message=Stage.READY.label,
+        )
+
+    async def _activity(self, name: str, arg: object, result_type: type):
+        return await workflow.execute_activity(
+            name, arg, result_type=result_type, summary=self._stage.label, **_ACTIVITY_OPTIONS[name]
+        )
+
+    def _check_not_cancelled(self) -> None:
+        if self._cancel_reason is not None:
+            raise _Cancelled()
+
+    async def _enter(self, stage: Stage, **fields) -> None:
+        """Persist the stage before its work starts, then show it in the query and the Web UI."""
+        self._check_not_cancelled()
+        await self._record(stage, stage.label, **fields)
+
+    async def _record(self, stage: Stage, message: str, **fields) -> None:
+        info = workflow.info()
+        await workflow.execute_local_activity(
+            "record_transition",
+            TransitionInput(
+                build_id=self._req.build_id,
+                stage=stage.value,
+                message=message,
+                at=workflow.now().isoformat(),
+                project_id=self._req.project_id,
+                goal=self._req.goal,
+                workflow_id=info.workflow_id,
+                run_id=info.run_id,
+                **fields,
+            ),
+            summary=f"Record {stage.value}",
+            **_DB_WRITE,
+        )
+        self._set_stage(stage, message)
+
+    def _set_stage(self, stage: Stage, message: str) -> None:
+        if stage != self._stage and not is_allowed(self._stage, stage):
+            # A bug in this file, not a runtime condition: fail loudly and permanently.
+            raise ApplicationError(f"illegal transition {self._stage.value} -> {stage.value}", non_retryable=True)
+        self._stage = stage
+        self._status.stage = stage.value
+        self._status.label = stage.label
+        self._status.message = message
+        self._status.transitions.append(Transition(stage=stage.value, at=workflow.now().isoformat(), message=message))
+        workflow.upsert_search_attributes([BUILD_STAGE.value_set(stage.value)])
+        workflow.set_current_details(f"**{stage.label}** {message if message != stage.label else ''}".strip())
+
+    # --- endings ---
+
+    async def _kill_sandboxes(self) -> None:
+        if self._stage not in (Stage.DEPS, Stage.CHECKS) and not self._status.sandbox_id:
+            return  # no sandbox is created before DEPS
+        try:
+            await self._activity(
+                "kill_build_sandboxes", KillSandboxInput(build_id=self._req.build_id, sandbox_id=self._status.sandbox_id), int
+            )
+        except ActivityError as err:
+            # The orphan sweep (metadata) catches what this could not kill; the ending still records.
+            workflow.logger.warning("could not kill sandboxes of build %s: %s", self._req.build_id, err.cause)
+
+    async def _finish_cancelled(self) -> BuildResult:
+        await self._kill_sandboxes()
+        reason = self._cancel_reason or "cancelled"
+        await self._record(Stage.CANCELLED, reason)
+        return BuildResult(
+            status=Stage.CANCELLED.value,
+            sandbox_id=self._status.sandbox_id,
+            workspace_path=self._status.workspace_path,
+            message=reason,
+        )
+
+    async def _fail(self, err: ActivityError) -> ApplicationError:
+        cause = err.cause
+        kind_name = cause.type if isinstance(cause, ApplicationError) and cause.type else "Unknown"
+        try:
+            friendly = ErrorKind(kind_name).friendly
+        except ValueError:
+            friendly = FRIENDLY_DEFAULT
+        detail = f"{kind_name} in {self._stage.value}: {cause.message if cause is not None else err.message}"
+        debug_id = str(workflow.uuid4())
+        info = workflow.info()
+        workflow.logger.error(
+            "build %s failed (debug_id=%s, workflow_id=%s, run_id=%s): %s",
+            self._req.build_id, debug_id, info.workflow_id, info.run_id, detail,
+        )
+        self._status.debug_id = debug_id
+        self._status.error_message = friendly
+        await self._kill_sandboxes()
+        await self._record(Stage.FAILED, friendly, error_message=friendly, error_detail=detail, debug_id=debug_id)
+        result = BuildResult(
+            status=Stage.FAILED.value,
+            sandbox_id=self._status.sandbox_id,
+            workspace_path=self._status.workspace_path,
+            debug_id=debug_id,
+            message=friendly,
+        )
+        return ApplicationError(f"{friendly} (debug_id={debug_id})", result, type=kind_name, non_retryable=True)
+
+
+__all__ = ["BuildWorkflow", "SEARCH_ATTRIBUTES"]
