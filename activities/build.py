@@ -16,7 +16,8 @@ from temporalio import activity
 
 from activities.files import validate_working_files
 from activities.runner import Runner
-from activities.sandbox import SandboxClient, classify_sandbox_error, preview_client
+from activities.sandbox import SandboxClient, classify_sandbox_error
+from genloop.http import preview_client
 from genloop.errors import ErrorKind, GenloopError, to_application_error
 from persistence.repository import JobRepository
 from workflows.stages import Stage

@@ -1,7 +1,7 @@
 """The e2b SDK as genloop uses it: one code path for the local sandbox host and E2B cloud.
 
 The only difference between the two is the connection options (api_url/sandbox_url for the local
-host) and how the preview is reached from this process (see `preview_client`).
+host) and how the preview is reached from this process (genloop.http.preview_client).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import httpx
 from e2b import AsyncSandbox, SandboxQuery
 
 from genloop.errors import ErrorKind, GenloopError
+from genloop.http import is_localhost_name
 from genloop.settings import Settings
 
 SANDBOX_METADATA_KEY = "genloop_build_id"
@@ -90,36 +91,9 @@ class SandboxClient:
 
     def preview_url(self, sandbox: AsyncSandbox, port: int) -> str:
         host = sandbox.get_host(port)
-        scheme = "http" if _is_loopback_host(host) else "https"
+        # The local host serves plain http on loopback names; E2B cloud serves https.
+        scheme = "http" if is_localhost_name(host.rsplit(":", 1)[0]) else "https"
         return f"{scheme}://{host}"
-
-
-def _is_loopback_host(host: str) -> bool:
-    name = host.split(":", 1)[0].lower()
-    return name == "localhost" or name.endswith(".localhost") or name.startswith("127.")
-
-
-class _LoopbackTransport(httpx.AsyncBaseTransport):
-    """Connects `*.localhost` names to 127.0.0.1 and keeps the Host header (RFC 6761: localhost
-    names are loopback; browsers resolve them, Python's resolver here does not)."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        self._inner = httpx.AsyncHTTPTransport(**kwargs)
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        host = request.url.host
-        if host.endswith(".localhost"):
-            request.headers["Host"] = request.url.netloc.decode("ascii")
-            request.url = request.url.copy_with(host="127.0.0.1")
-        return await self._inner.handle_async_request(request)
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-
-def preview_client(**kwargs: Any) -> httpx.AsyncClient:
-    """An httpx client that reaches previews on the local host and on E2B cloud alike."""
-    return httpx.AsyncClient(transport=_LoopbackTransport(), **kwargs)
 
 
 def classify_sandbox_error(exc: BaseException) -> GenloopError:

@@ -16,7 +16,7 @@ from genloop.temporal import build_worker
 from persistence.repository import JobRepository
 from tests.helpers import doubles
 from tests.helpers.stack_fixtures import sandbox_host, temporal_client, temporal_env  # noqa: F401  (fixtures)
-from workflows.types import WORKFLOW_NAME, BuildRequest
+from workflows.types import WORKFLOW_NAME, BuildRequest, BuildResult
 
 
 @dataclass
@@ -33,7 +33,9 @@ class BuildStack:
                     runner: str = "template", build_id: str | None = None) -> WorkflowHandle:
         build_id = build_id or f"b-{uuid.uuid4().hex[:12]}"
         req = BuildRequest(build_id=build_id, project_id=project_id or f"p-{uuid.uuid4().hex[:8]}", goal=goal, runner=runner)
-        return await self.client.start_workflow(WORKFLOW_NAME, req, id=build_id, task_queue=self.task_queue)
+        return await self.client.start_workflow(
+            WORKFLOW_NAME, req, id=build_id, task_queue=self.task_queue, result_type=BuildResult
+        )
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 
-from activities.sandbox import preview_client
+from genloop.http import preview_client
 from tests.helpers import doubles
 from tests.workflows.conftest import make_stack
 from workflows.stages import Stage

@@ -1,0 +1,36 @@
+"""Reach preview URLs (`http://8080-<id>.localhost:PORT`) from httpx.
+
+RFC 6761 makes every `*.localhost` name loopback, and browsers resolve them so, but the system
+resolver here does not. This transport connects such hosts to 127.0.0.1 and leaves the Host header
+as the URL had it, which is what the sandbox host routes previews by.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+
+def is_localhost_name(host: str) -> bool:
+    host = host.rstrip(".").lower()
+    return host == "localhost" or host.endswith(".localhost")
+
+
+class LoopbackTransport(httpx.AsyncBaseTransport):
+    def __init__(self, **transport_kwargs: Any):
+        self._inner = httpx.AsyncHTTPTransport(**transport_kwargs)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if is_localhost_name(request.url.host):
+            # The Host header was set from the original URL when the request was built.
+            request.url = request.url.copy_with(host="127.0.0.1")
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def preview_client(**client_kwargs: Any) -> httpx.AsyncClient:
+    """An httpx.AsyncClient that can fetch `*.localhost` preview URLs."""
+    return httpx.AsyncClient(transport=LoopbackTransport(), **client_kwargs)

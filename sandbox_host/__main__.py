@@ -1,0 +1,5 @@
+import sys
+
+from sandbox_host.server import main
+
+sys.exit(main())

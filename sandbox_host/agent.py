@@ -1,0 +1,590 @@
+"""The in-sandbox agent: runs commands, touches files and forwards preview ports for one sandbox.
+
+It runs inside the sandbox (as the sandbox's own unprivileged user, in its mount/pid/net namespaces),
+so everything it does is confined the same way the sandbox's code is. The host talks to it over a
+unix socket in the sandbox's run directory: one connection per operation, a JSON request line, then
+JSON response lines (and raw bytes for file transfers).
+
+Standard library only: it is executed by the sandbox's system python3, not the host's venv.
+The agent also enforces the sandbox deadline itself, so a sandbox never outlives its TTL even when
+the host is down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import errno
+import grp
+import json
+import os
+import pwd
+import signal
+import stat
+import sys
+import time
+
+CHUNK = 64 * 1024
+OUTPUT_QUEUE_SIZE = 256
+# After a process exits, output still buffered in its pipes is delivered for this long; pipes held
+# open by background children (`server &`) must not delay the end event forever.
+PIPE_DRAIN_S = 0.2
+
+
+class AgentError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _os_error(exc: OSError, path: str) -> AgentError:
+    if exc.errno == errno.ENOENT:
+        return AgentError("not_found", f"path {path!r} does not exist")
+    if exc.errno == errno.EEXIST:
+        return AgentError("already_exists", f"path {path!r} already exists")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return AgentError("permission_denied", f"permission denied: {path!r}")
+    if exc.errno == errno.ENOTDIR:
+        return AgentError("invalid_argument", f"path {path!r} is not a directory")
+    if exc.errno == errno.EISDIR:
+        return AgentError("invalid_argument", f"path {path!r} is a directory")
+    if exc.errno == errno.ENOTEMPTY:
+        return AgentError("invalid_argument", f"directory {path!r} is not empty")
+    if exc.errno in (errno.EFBIG, errno.ENOSPC, errno.EDQUOT):
+        return AgentError("resource_exhausted", f"{path!r}: {os.strerror(exc.errno)}")
+    return AgentError("internal", f"{path!r}: {os.strerror(exc.errno or 0)}")
+
+
+class Paths:
+    """Maps sandbox paths (/home/user/..., /tmp/...) to the paths this agent sees.
+
+    Inside bubblewrap the mapping is the identity. In unsafe (no isolation) mode the sandbox's home
+    and /tmp are directories on the host, and only those two roots are reachable at all.
+    """
+
+    HOME = "/home/user"
+    TMP = "/tmp"
+
+    def __init__(self, home_dir: str, tmp_dir: str, read_anywhere: bool):
+        self.roots = {self.HOME: os.path.realpath(home_dir), self.TMP: os.path.realpath(tmp_dir)}
+        self.read_anywhere = read_anywhere
+
+    def to_local(self, path: str, *, write: bool) -> str:
+        if not path:
+            raise AgentError("invalid_argument", "path is empty")
+        if "\0" in path:
+            raise AgentError("invalid_argument", "path contains a NUL byte")
+        virtual = os.path.normpath(path if path.startswith("/") else os.path.join(self.HOME, path))
+        for root, local_root in self.roots.items():
+            if virtual == root or virtual.startswith(root + "/"):
+                local = local_root + virtual[len(root) :]
+                self.check_resolved(local, path)
+                return local
+        if self.read_anywhere and not write:
+            return virtual
+        raise AgentError("invalid_argument", f"path {path!r} is outside /home/user and /tmp")
+
+    def check_resolved(self, local: str, original: str) -> None:
+        # Symlinks are resolved the way the kernel will resolve them; the result must stay inside
+        # an allowed root, or a write through it could land anywhere the sandbox user can write.
+        resolved = os.path.realpath(local)
+        if not any(resolved == r or resolved.startswith(r + "/") for r in self.roots.values()):
+            raise AgentError("invalid_argument", f"path {original!r} resolves outside /home/user and /tmp")
+
+    def to_virtual(self, local: str) -> str:
+        for root, local_root in self.roots.items():
+            if local == local_root or local.startswith(local_root + "/"):
+                return root + local[len(local_root) :]
+        return local
+
+
+def _owner_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def entry_info(paths: Paths, local: str) -> dict:
+    st = os.lstat(local)
+    is_symlink = stat.S_ISLNK(st.st_mode)
+    target_type = "unknown"
+    symlink_target = None
+    if is_symlink:
+        symlink_target = paths.to_virtual(os.path.realpath(local))
+        try:
+            st_target = os.stat(local)
+            target_type = "dir" if stat.S_ISDIR(st_target.st_mode) else "file"
+        except OSError:
+            target_type = "file"
+    elif stat.S_ISDIR(st.st_mode):
+        target_type = "dir"
+    else:
+        target_type = "file"
+    return {
+        "name": os.path.basename(local.rstrip("/")) or "/",
+        "type": target_type,
+        "path": paths.to_virtual(local),
+        "size": st.st_size,
+        "mode": stat.S_IMODE(st.st_mode),
+        "permissions": stat.filemode(st.st_mode),
+        "owner": _owner_name(st.st_uid),
+        "group": _group_name(st.st_gid),
+        "mtime": st.st_mtime,
+        "is_symlink": is_symlink,
+        "symlink_target": symlink_target,
+    }
+
+
+class Proc:
+    def __init__(self, proc: asyncio.subprocess.Process, config: dict, tag: str | None):
+        self.proc = proc
+        self.pid = proc.pid
+        self.config = config
+        self.tag = tag
+        self.subscribers: set[asyncio.Queue] = set()
+        self.end: dict | None = None
+        self.ended = asyncio.Event()
+        self.deadline_exceeded = False
+
+    async def publish(self, event: dict) -> None:
+        for queue in list(self.subscribers):
+            # Bounded queues give the slowest attached client back-pressure, like a pipe.
+            await queue.put(event)
+
+    def expire(self) -> None:
+        self.deadline_exceeded = self.end is None
+        self.kill()
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.end is not None:
+            return
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+class Agent:
+    def __init__(self, args: argparse.Namespace):
+        self.paths = Paths(args.home_dir, args.tmp_dir, args.read_anywhere)
+        self.run_dir = args.run_dir
+        self.base_env = json.loads(args.env_json)
+        self.deadline: float | None = args.deadline
+        self.forward_host = args.forward_host
+        self.procs: dict[int, Proc] = {}
+        self.forwarders: dict[int, asyncio.AbstractServer] = {}
+        self.stopping = asyncio.Event()
+        self._deadline_handle: asyncio.TimerHandle | None = None
+
+    # ---------------- lifecycle ----------------
+    def arm_deadline(self) -> None:
+        if self._deadline_handle is not None:
+            self._deadline_handle.cancel()
+            self._deadline_handle = None
+        if self.deadline is not None:
+            delay = max(0.0, self.deadline - time.time())
+            self._deadline_handle = asyncio.get_running_loop().call_later(delay, self.stop)
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            p.kill()
+        self.stopping.set()
+
+    # ---------------- connection handling ----------------
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await reader.readline()
+            if not line:
+                return
+            try:
+                request = json.loads(line)
+                op = request["op"]
+            except (ValueError, KeyError, TypeError):
+                raise AgentError("invalid_argument", "malformed agent request") from None
+            handler = getattr(self, "op_" + str(op), None)
+            if handler is None:
+                raise AgentError("unimplemented", f"unknown operation {op!r}")
+            await handler(request, reader, writer)
+        except AgentError as exc:
+            await self._reply(writer, {"error": {"code": exc.code, "message": exc.message}})
+        except OSError as exc:
+            if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
+                await self._reply(writer, {"error": {"code": "internal", "message": str(exc)}})
+        finally:
+            writer.close()
+
+    @staticmethod
+    async def _reply(writer: asyncio.StreamWriter, payload: dict) -> None:
+        try:
+            writer.write(json.dumps(payload).encode() + b"\n")
+            await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+
+    # ---------------- control ----------------
+    async def op_ping(self, req, reader, writer):
+        await self._reply(writer, {"ok": True, "pid": os.getpid(), "deadline": self.deadline})
+
+    async def op_set_deadline(self, req, reader, writer):
+        self.deadline = req.get("deadline")
+        self.arm_deadline()
+        await self._reply(writer, {"ok": True})
+
+    # ---------------- processes ----------------
+    def _select(self, req: dict) -> Proc:
+        if req.get("pid") is not None:
+            proc = self.procs.get(int(req["pid"]))
+        else:
+            proc = next((p for p in self.procs.values() if p.tag is not None and p.tag == req.get("tag")), None)
+        if proc is None or proc.end is not None:
+            raise AgentError("not_found", "process not found")
+        return proc
+
+    async def op_start(self, req, reader, writer):
+        cmd = req.get("cmd") or ""
+        args = [str(a) for a in req.get("args") or []]
+        cwd_virtual = req.get("cwd") or Paths.HOME
+        cwd = self.paths.to_local(cwd_virtual, write=False)
+        if not os.path.isdir(cwd):
+            raise AgentError("invalid_argument", f"cwd {cwd_virtual!r} does not exist")
+        env = dict(self.base_env)
+        env.update({str(k): str(v) for k, v in (req.get("envs") or {}).items()})
+        try:
+            process = await asyncio.create_subprocess_exec(
+                cmd,
+                *args,
+                cwd=cwd,
+                env=env,
+                stdin=asyncio.subprocess.PIPE if req.get("stdin") else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                # Its own process group, so a kill takes the command's children with it.
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise AgentError("invalid_argument", f"cannot start {cmd!r}: {os.strerror(exc.errno or 0)}") from None
+        proc = Proc(
+            process, {"cmd": cmd, "args": args, "envs": req.get("envs") or {}, "cwd": cwd_virtual}, req.get("tag")
+        )
+        self.procs[proc.pid] = proc
+        queue: asyncio.Queue = asyncio.Queue(OUTPUT_QUEUE_SIZE)
+        proc.subscribers.add(queue)
+        asyncio.ensure_future(self._supervise(proc))
+        timeout_ms = req.get("timeout_ms")
+        if timeout_ms:
+            # Connect-Timeout-Ms is the process deadline, as in envd: the command dies with it.
+            asyncio.get_running_loop().call_later(timeout_ms / 1000, proc.expire)
+        await self._stream(proc, queue, reader, writer)
+
+    async def op_connect(self, req, reader, writer):
+        proc = self._select(req)
+        queue: asyncio.Queue = asyncio.Queue(OUTPUT_QUEUE_SIZE)
+        proc.subscribers.add(queue)
+        await self._stream(proc, queue, reader, writer)
+
+    async def _stream(
+        self, proc: Proc, queue: asyncio.Queue, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        # The host closing its end is the only sign a quiet stream's client left; without watching
+        # for it a stale subscriber would fill up and stall the process's output.
+        hangup = asyncio.ensure_future(reader.read())
+        try:
+            writer.write(json.dumps({"e": "start", "pid": proc.pid}).encode() + b"\n")
+            await writer.drain()
+            while True:
+                next_event = asyncio.ensure_future(queue.get())
+                await asyncio.wait({next_event, hangup}, return_when=asyncio.FIRST_COMPLETED)
+                if not next_event.done():
+                    next_event.cancel()
+                    return
+                event = next_event.result()
+                writer.write(json.dumps(event).encode() + b"\n")
+                await writer.drain()
+                if event["e"] == "end":
+                    return
+        except (ConnectionError, OSError):
+            pass  # The client went away; the process keeps running (background commands survive it).
+        finally:
+            hangup.cancel()
+            proc.subscribers.discard(queue)
+            while not queue.empty():  # unblock a publisher waiting on this queue
+                queue.get_nowait()
+
+    async def _pump(self, proc: Proc, stream: asyncio.StreamReader, name: str) -> None:
+        while True:
+            chunk = await stream.read(CHUNK)
+            if not chunk:
+                return
+            if proc.end is None:
+                await proc.publish({"e": name, "d": base64.b64encode(chunk).decode()})
+
+    async def _supervise(self, proc: Proc) -> None:
+        pumps = [
+            asyncio.ensure_future(self._pump(proc, proc.proc.stdout, "stdout")),
+            asyncio.ensure_future(self._pump(proc, proc.proc.stderr, "stderr")),
+        ]
+        code = await proc.proc.wait()
+        await asyncio.wait(pumps, timeout=PIPE_DRAIN_S)
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name[3:].lower()
+            except ValueError:
+                name = str(-code)
+            proc.end = {"e": "end", "exit_code": -1, "exited": False, "status": f"signal: {name}"}
+        else:
+            proc.end = {"e": "end", "exit_code": code, "exited": True, "status": f"exit status {code}"}
+        proc.end["deadline_exceeded"] = proc.deadline_exceeded
+        await proc.publish(proc.end)
+        self.procs.pop(proc.pid, None)
+        proc.ended.set()
+
+    async def op_list(self, req, reader, writer):
+        procs = [{"pid": p.pid, "tag": p.tag, **p.config} for p in self.procs.values() if p.end is None]
+        await self._reply(writer, {"ok": True, "processes": procs})
+
+    async def op_signal(self, req, reader, writer):
+        proc = self._select(req)
+        proc.kill(int(req.get("signal") or signal.SIGKILL))
+        await self._reply(writer, {"ok": True})
+
+    async def op_send_input(self, req, reader, writer):
+        proc = self._select(req)
+        if proc.proc.stdin is None:
+            raise AgentError("invalid_argument", "process was started without stdin")
+        proc.proc.stdin.write(base64.b64decode(req.get("data") or ""))
+        await proc.proc.stdin.drain()
+        await self._reply(writer, {"ok": True})
+
+    async def op_close_stdin(self, req, reader, writer):
+        proc = self._select(req)
+        if proc.proc.stdin is not None:
+            proc.proc.stdin.close()
+        await self._reply(writer, {"ok": True})
+
+    # ---------------- files ----------------
+    async def op_check_writable(self, req, reader, writer):
+        """Validate a batch of upload paths before any is written, so a bad one writes nothing."""
+        for path in req.get("paths") or []:
+            local = self.paths.to_local(path, write=True)
+            if os.path.isdir(local):
+                raise AgentError("invalid_argument", f"path {path!r} is a directory")
+        await self._reply(writer, {"ok": True})
+
+    async def op_write(self, req, reader, writer):
+        path = req.get("path", "")
+        local = self.paths.to_local(path, write=True)
+        size = int(req["size"])
+        if os.path.isdir(local):
+            raise AgentError("invalid_argument", f"path {path!r} is a directory")
+        tmp = f"{local}.e2b-upload-{os.getpid()}-{id(req)}"
+        try:
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            # The parents may only now exist: check again that nothing on the way is a symlink out.
+            self.paths.check_resolved(local, path)
+            with open(tmp, "wb") as f:
+                remaining = size
+                while remaining:
+                    chunk = await reader.read(min(CHUNK, remaining))
+                    if not chunk:
+                        raise AgentError("invalid_argument", "upload ended early")
+                    f.write(chunk)
+                    remaining -= len(chunk)
+            os.replace(tmp, local)
+        except (OSError, AgentError) as exc:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+            raise _os_error(exc, path) if isinstance(exc, OSError) else exc from None
+        await self._reply(writer, {"ok": True, "entry": entry_info(self.paths, local)})
+
+    async def op_read(self, req, reader, writer):
+        local = self.paths.to_local(req.get("path", ""), write=False)
+        try:
+            if os.path.isdir(local):
+                raise AgentError("invalid_argument", f"path {req['path']!r} is a directory")
+            f = open(local, "rb")
+        except OSError as exc:
+            raise _os_error(exc, req["path"]) from None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            writer.write(json.dumps({"ok": True, "size": size}).encode() + b"\n")
+            remaining = size
+            while remaining:
+                chunk = f.read(min(CHUNK, remaining))
+                if not chunk:
+                    break
+                writer.write(chunk)
+                remaining -= len(chunk)
+                await writer.drain()
+            # A file that shrank while being read is padded so the framing stays intact.
+            if remaining:
+                writer.write(b"\0" * remaining)
+            await writer.drain()
+
+    async def op_stat(self, req, reader, writer):
+        local = self.paths.to_local(req.get("path", ""), write=False)
+        try:
+            entry = entry_info(self.paths, local)
+        except OSError as exc:
+            raise _os_error(exc, req["path"]) from None
+        await self._reply(writer, {"ok": True, "entry": entry})
+
+    async def op_list_dir(self, req, reader, writer):
+        local = self.paths.to_local(req.get("path", ""), write=False)
+        depth = max(1, int(req.get("depth") or 1))
+        entries = []
+        try:
+            if not os.path.isdir(local):
+                raise AgentError("invalid_argument", f"path {req['path']!r} is not a directory")
+            self._walk(local, depth, entries)
+        except OSError as exc:
+            raise _os_error(exc, req["path"]) from None
+        await self._reply(writer, {"ok": True, "entries": entries})
+
+    def _walk(self, local: str, depth: int, out: list) -> None:
+        with os.scandir(local) as it:
+            for item in sorted(it, key=lambda e: e.name):
+                try:
+                    out.append(entry_info(self.paths, item.path))
+                except OSError:
+                    continue
+                if depth > 1 and item.is_dir(follow_symlinks=False):
+                    self._walk(item.path, depth - 1, out)
+
+    async def op_make_dir(self, req, reader, writer):
+        local = self.paths.to_local(req.get("path", ""), write=True)
+        if os.path.isdir(local):
+            raise AgentError("already_exists", f"directory {req['path']!r} already exists")
+        try:
+            os.makedirs(local)
+        except OSError as exc:
+            raise _os_error(exc, req["path"]) from None
+        await self._reply(writer, {"ok": True})
+
+    async def op_remove(self, req, reader, writer):
+        local = self.paths.to_local(req.get("path", ""), write=True)
+        if local in self.paths.roots.values():
+            raise AgentError("invalid_argument", f"refusing to remove {req['path']!r}")
+        try:
+            if os.path.isdir(local) and not os.path.islink(local):
+                await asyncio.get_running_loop().run_in_executor(None, _rmtree, local)
+            else:
+                os.unlink(local)
+        except OSError as exc:
+            raise _os_error(exc, req["path"]) from None
+        await self._reply(writer, {"ok": True})
+
+    async def op_move(self, req, reader, writer):
+        source = self.paths.to_local(req.get("source", ""), write=True)
+        destination = self.paths.to_local(req.get("destination", ""), write=True)
+        try:
+            os.makedirs(os.path.dirname(destination), exist_ok=True)
+            os.rename(source, destination)
+            entry = entry_info(self.paths, destination)
+        except OSError as exc:
+            raise _os_error(exc, req["source"]) from None
+        await self._reply(writer, {"ok": True, "entry": entry})
+
+    # ---------------- previews ----------------
+    async def op_expose(self, req, reader, writer):
+        port = int(req["port"])
+        if not 1 <= port <= 65535:
+            raise AgentError("invalid_argument", f"invalid port {port}")
+        name = f"port-{port}.sock"
+        if port not in self.forwarders:
+            path = os.path.join(self.run_dir, name)
+            if os.path.lexists(path):
+                os.unlink(path)
+            self.forwarders[port] = await asyncio.start_unix_server(lambda r, w: self._forward(port, r, w), path=path)
+        await self._reply(writer, {"ok": True, "socket": name})
+
+    async def _forward(self, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(self.forward_host, port)
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+
+
+def _rmtree(path: str) -> None:
+    import shutil
+
+    shutil.rmtree(path)
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while True:
+            data = await reader.read(CHUNK)
+            if not data:
+                break
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        if reader.at_eof():
+            writer.close()
+
+
+async def _relay_egress(socket_path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """The sandbox's HTTP(S)_PROXY: each connection is relayed to the host's egress proxy."""
+    try:
+        up_reader, up_writer = await asyncio.open_unix_connection(socket_path)
+    except OSError:
+        writer.close()
+        return
+    await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+
+
+async def serve(args: argparse.Namespace) -> None:
+    agent = Agent(args)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, agent.stop)
+    if args.egress_socket:
+        await asyncio.start_server(lambda r, w: _relay_egress(args.egress_socket, r, w), "127.0.0.1", args.egress_port)
+    sock_path = os.path.join(args.run_dir, "agent.sock")
+    if os.path.lexists(sock_path):
+        os.unlink(sock_path)
+    server = await asyncio.start_unix_server(agent.handle, path=sock_path)
+    agent.arm_deadline()
+    async with server:
+        await agent.stopping.wait()
+    # Give killed commands a moment to be reaped so the sandbox ends cleanly.
+    pending = [p.ended.wait() for p in agent.procs.values()]
+    if pending:
+        await asyncio.wait([asyncio.ensure_future(w) for w in pending], timeout=1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="genloop sandbox agent (runs inside one sandbox)")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--home-dir", required=True)
+    parser.add_argument("--tmp-dir", required=True)
+    parser.add_argument("--env-json", required=True)
+    parser.add_argument("--deadline", type=float, default=None)
+    parser.add_argument("--forward-host", default="127.0.0.1")
+    parser.add_argument("--read-anywhere", action="store_true")
+    parser.add_argument("--egress-socket", help="relay 127.0.0.1:--egress-port to this proxy socket")
+    parser.add_argument("--egress-port", type=int, default=3128)
+    args = parser.parse_args(argv)
+    os.umask(0o022)
+    asyncio.run(serve(args))
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""One ASGI app on one port: preview proxy, envd and control plane, told apart per request.
+
+Host: {port}-{sandbox_id}.localhost:{hostport}   → preview proxy (preview.py)
+E2b-Sandbox-Id: {sandbox_id}                      → that sandbox's envd (envd.py)
+anything else                                     → control plane (control.py), X-API-Key required
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import time
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.types import Message, Receive, Scope, Send
+
+from sandbox_host import envd
+from sandbox_host.config import HostConfig
+from sandbox_host.control import ControlPlane
+from sandbox_host.preview import PreviewProxy, parse_preview_host
+from sandbox_host.sandboxes import Sandbox, SandboxManager
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _signature_valid(request: Request, operation: str, token: str) -> bool:
+    """The SDK's v1 signed file URLs (e2b/sandbox/signature.py), for download_url/upload_url."""
+    params = request.query_params
+    signature = params.get("signature")
+    if not signature:
+        return False
+    path, user, expiration = params.get("path", ""), params.get("username", ""), params.get("signature_expiration")
+    if expiration is not None:
+        if not expiration.isdigit() or int(expiration) < time.time():
+            return False
+        raw = f"{path}:{operation}:{user}:{token}:{expiration}"
+    else:
+        raw = f"{path}:{operation}:{user}:{token}"
+    expected = "v1_" + base64.b64encode(hashlib.sha256(raw.encode()).digest()).rstrip(b"=").decode()
+    return hmac.compare_digest(signature, expected)
+
+
+class _LimitedReceive:
+    """Counts an upload's bytes as they arrive and stops it at the limit (413, never a 500)."""
+
+    def __init__(self, receive: Receive, limit: int):
+        self._receive = receive
+        self._remaining = limit
+
+    async def __call__(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self._remaining -= len(message.get("body", b""))
+            if self._remaining < 0:
+                raise envd.UploadTooLarge()
+        return message
+
+
+class HostApp:
+    def __init__(self, manager: SandboxManager, config: HostConfig):
+        self.manager = manager
+        self.config = config
+        self.control = ControlPlane(manager, config).app()
+        self.preview = PreviewProxy(manager)
+        self.connect_apps = envd.build_connect_apps(manager)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1003})
+            return
+        preview = parse_preview_host(_header(scope, b"host") or "")
+        if preview is not None:
+            await self.preview(scope, receive, send, *preview)
+            return
+        sandbox_id = _header(scope, b"e2b-sandbox-id")
+        if sandbox_id is not None:
+            await self._envd(scope, receive, send, sandbox_id)
+            return
+        if scope["path"] == "/health":  # readiness, no secrets involved
+            await JSONResponse({"status": "ok", "isolated": self.config.isolated})(scope, receive, send)
+            return
+        if not self._api_key_ok(_header(scope, b"x-api-key")):
+            await envd.error_response(401, "invalid or missing API key (X-API-Key)")(scope, receive, send)
+            return
+        await self.control(scope, receive, send)
+
+    def _api_key_ok(self, presented: str | None) -> bool:
+        if not presented:
+            return False
+        if self.config.api_key is None:
+            return True
+        return hmac.compare_digest(presented.encode(), self.config.api_key.encode())
+
+    def _access_ok(self, scope: Scope, request: Request, sandbox: Sandbox) -> bool:
+        token = sandbox.record.access_token
+        presented = _header(scope, b"x-access-token")
+        if presented is not None:
+            return hmac.compare_digest(presented.encode(), token.encode())
+        if scope["path"] == "/files":
+            return _signature_valid(request, "read" if scope["method"] == "GET" else "write", token)
+        return False
+
+    async def _envd(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str) -> None:
+        sandbox = self.manager.get(sandbox_id)
+        if sandbox is None:
+            await envd.sandbox_gone_response(sandbox_id)(scope, receive, send)
+            return
+        request = Request(scope, receive)
+        if not self._access_ok(scope, request, sandbox):
+            await envd.error_response(401, "invalid or missing access token (X-Access-Token)")(scope, receive, send)
+            return
+        path, method = scope["path"], scope["method"]
+        if path == "/health" and method == "GET":
+            response = await envd.health(request)
+        elif path == "/files" and method == "GET":
+            response = await envd.read_file(request, sandbox)
+        elif path == "/files" and method == "POST":
+            limited = Request(scope, _LimitedReceive(receive, self.config.max_upload_bytes))
+            try:
+                response = await envd.write_files(limited, sandbox, self.config.max_upload_bytes)
+            except envd.UploadTooLarge:
+                response = envd.error_response(413, f"upload exceeds the limit of {self.config.max_upload_bytes} bytes")
+        else:
+            app = next((a for prefix, a in self.connect_apps.items() if path.startswith(prefix)), None)
+            if app is None:
+                response = envd.error_response(404, f"no envd route {method} {path}")
+            else:
+                await app(scope, receive, send)
+                return
+        await response(scope, receive, send)

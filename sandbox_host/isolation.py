@@ -1,0 +1,316 @@
+"""How a sandbox is launched: the bubblewrap command line, resource limits and the host checks.
+
+Each sandbox runs as its own unprivileged host uid (so RLIMIT_NPROC counts per sandbox and a
+sandbox process that somehow left its namespaces would still be nobody), inside bubblewrap with
+new user, mount, pid, net, ipc and uts namespaces. What it sees:
+
+    /usr, /etc, /bin, /lib*, /sbin   read-only from the host (plus a passwd entry for `user`)
+    /home/user                       its own writable home (a directory under state_dir)
+    /tmp                             its own writable /tmp (a directory under state_dir)
+    /run/e2b                         its run directory: the agent's socket and preview sockets
+    /proc, /dev, /dev/shm, /run      private
+
+The host's home, the repository and state_dir itself are not mounted, and the network namespace
+has loopback only: no egress, and its ports never collide with the host's or another sandbox's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+log = logging.getLogger("sandbox_host.isolation")
+
+AGENT_SOURCE = Path(__file__).with_name("agent.py")
+SANDBOX_HOME = "/home/user"
+SANDBOX_UID = 1000  # the uid commands see inside the sandbox (`user`)
+RUN_DIR_INSIDE = "/run/e2b"
+AGENT_INSIDE = "/run/e2b-agent.py"
+EGRESS_DIR_INSIDE = "/run/e2b-egress"
+SYSTEM_PYTHON_CANDIDATES = ("/usr/bin/python3", "/usr/local/bin/python3")
+# Host uids for sandboxes: a block per state_dir so two hosts on one machine rarely share uids.
+UID_BLOCK_BASE = 1_000_000
+UID_BLOCK_SIZE = 65_536
+UID_BLOCKS = 4_096
+
+READ_ONLY_SYSTEM = ("/usr", "/etc")
+SYMLINK_OR_DIR = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+
+
+class IsolationUnavailable(RuntimeError):
+    """bubblewrap cannot create sandboxes on this machine."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory_mb: int
+    max_processes: int
+    max_file_size_mb: int
+
+    def prlimit_args(self) -> list[str]:
+        # RLIMIT_DATA (heap + private writable mappings) rather than RLIMIT_AS: V8 and Go reserve
+        # large address ranges they never touch, which RLIMIT_AS would refuse.
+        mb = 1024 * 1024
+        return [
+            f"--data={self.memory_mb * mb}",
+            f"--nproc={self.max_processes}",
+            f"--fsize={self.max_file_size_mb * mb}",
+            "--core=0",
+        ]
+
+
+def uid_block(state_dir: Path) -> int:
+    return UID_BLOCK_BASE + (zlib.crc32(str(state_dir).encode()) % UID_BLOCKS) * UID_BLOCK_SIZE
+
+
+def system_python() -> str:
+    for candidate in SYSTEM_PYTHON_CANDIDATES:
+        if os.access(candidate, os.X_OK):
+            return candidate
+    raise IsolationUnavailable(
+        "no system python3 (/usr/bin/python3 or /usr/local/bin/python3) to run the sandbox agent"
+    )
+
+
+def find_tool(name: str) -> str:
+    path = shutil.which(name)
+    if not path:
+        raise IsolationUnavailable(f"{name} is not installed")
+    return path
+
+
+def sandbox_env(extra: dict[str, str]) -> dict[str, str]:
+    env = {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": SANDBOX_HOME,
+        "USER": "user",
+        "LOGNAME": "user",
+        "SHELL": "/bin/bash",
+        "LANG": "C.UTF-8",
+        "TMPDIR": "/tmp",
+        "E2B_SANDBOX": "true",
+    }
+    env.update(extra)
+    return env
+
+
+def passwd_files() -> tuple[bytes, bytes]:
+    """The host's passwd/group plus the sandbox's `user` (uid 1000), whose home is /home/user."""
+    passwd = [
+        line
+        for line in Path("/etc/passwd").read_text().splitlines()
+        if line and line.split(":")[2:3] != [str(SANDBOX_UID)] and not line.startswith("user:")
+    ]
+    passwd.append(f"user:x:{SANDBOX_UID}:{SANDBOX_UID}:user:{SANDBOX_HOME}:/bin/bash")
+    group = [
+        line
+        for line in Path("/etc/group").read_text().splitlines()
+        if line and line.split(":")[2:3] != [str(SANDBOX_UID)] and not line.startswith("user:")
+    ]
+    group.append(f"user:x:{SANDBOX_UID}:")
+    return ("\n".join(passwd) + "\n").encode(), ("\n".join(group) + "\n").encode()
+
+
+def bwrap_args(
+    *,
+    bwrap: str,
+    home_dir: Path,
+    tmp_dir: Path,
+    run_dir: Path,
+    egress_dir: Path | None,
+    agent_fd: int,
+    passwd_fd: int,
+    group_fd: int,
+    info_fd: int,
+    python: str,
+    agent_args: list[str],
+) -> list[str]:
+    args = [bwrap, "--unshare-all", "--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID)]
+    args += ["--hostname", "sandbox", "--new-session", "--info-fd", str(info_fd)]
+    for path in READ_ONLY_SYSTEM:
+        if os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    for path in SYMLINK_OR_DIR:
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    args += ["--ro-bind-data", str(passwd_fd), "/etc/passwd", "--ro-bind-data", str(group_fd), "/etc/group"]
+    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/dev/shm", "--tmpfs", "/run", "--tmpfs", "/var"]
+    args += ["--dir", "/var/tmp", "--dir", "/home"]
+    args += [
+        "--bind",
+        str(home_dir),
+        SANDBOX_HOME,
+        "--bind",
+        str(tmp_dir),
+        "/tmp",
+        "--bind",
+        str(run_dir),
+        RUN_DIR_INSIDE,
+    ]
+    args += ["--ro-bind-data", str(agent_fd), AGENT_INSIDE]
+    if egress_dir is not None:
+        args += ["--ro-bind", str(egress_dir), EGRESS_DIR_INSIDE]
+    args += ["--chdir", SANDBOX_HOME, "--setenv", "HOME", SANDBOX_HOME]
+    args += ["--", python, "-I", "-S", AGENT_INSIDE, *agent_args]
+    return args
+
+
+def memfd(name: str, data: bytes) -> int:
+    """An inheritable in-memory file holding `data`, for bwrap's --ro-bind-data."""
+    fd = os.memfd_create(name, 0)
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def check_traversable(path: Path) -> None:
+    """Sandboxes run as unprivileged uids, and bubblewrap resolves their bind mounts as them."""
+    for parent in [path, *path.parents]:
+        if parent.exists() and not os.stat(parent).st_mode & 0o001:
+            raise IsolationUnavailable(
+                f"state_dir {path} is not reachable by unprivileged users: {parent} lacks o+x "
+                "(choose a state_dir whose parent directories are traversable)"
+            )
+
+
+def check_bubblewrap(state_dir: Path) -> None:
+    """Start a throwaway sandbox exactly the way real ones start; raise if that cannot work."""
+    bwrap = find_tool("bwrap")
+    find_tool("prlimit")
+    find_tool("kill")
+    python = system_python()
+    check_traversable(state_dir)
+    probe_uid = uid_block(state_dir) + UID_BLOCK_SIZE - 1
+    root = Path(tempfile.mkdtemp(prefix=".probe-", dir=state_dir))
+    fds: list[int] = []
+    try:
+        os.chmod(root, 0o711)
+        for name in ("home", "tmp", "run"):
+            (root / name).mkdir()
+            os.chown(root / name, probe_uid, probe_uid)
+        passwd, group = passwd_files()
+        info_r, info_w = os.pipe()
+        fds = [memfd("agent", b""), memfd("passwd", passwd), memfd("group", group), info_r, info_w]
+        cmd = bwrap_args(
+            bwrap=bwrap,
+            home_dir=root / "home",
+            tmp_dir=root / "tmp",
+            run_dir=root / "run",
+            egress_dir=None,
+            agent_fd=fds[0],
+            passwd_fd=fds[1],
+            group_fd=fds[2],
+            info_fd=info_w,
+            python=python,
+            agent_args=[],
+        )
+        # Replace the agent with a probe of what a sandbox depends on.
+        cmd = cmd[: cmd.index("--") + 1] + [
+            python,
+            "-c",
+            "import os; open('/home/user/ok','w').write('1'); assert os.getuid() == 1000",
+        ]
+        result = subprocess.run(
+            cmd,
+            pass_fds=(fds[0], fds[1], fds[2], info_w),
+            user=probe_uid,
+            group=probe_uid,
+            extra_groups=[],
+            capture_output=True,
+            timeout=30,
+        )
+        ok = result.returncode == 0 and (root / "home" / "ok").exists()
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise IsolationUnavailable(f"bubblewrap failed to start: {exc}") from None
+    finally:
+        for fd in fds:
+            os.close(fd)
+        kill_uid(probe_uid)  # the probe's pid 1 may outlive bwrap for a moment
+        shutil.rmtree(root, ignore_errors=True)
+    if not ok:
+        detail = result.stderr.decode(errors="replace").strip() or f"exit code {result.returncode}"
+        raise IsolationUnavailable(f"bubblewrap cannot create a sandbox here: {detail}")
+
+
+def _live_processes():
+    """Every process but zombies (those are dead already, waiting for their parent to reap them)."""
+    for proc in psutil.process_iter(["uids", "status"]):
+        if proc.info["uids"] is not None and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            yield proc
+
+
+def live_uids() -> set[int]:
+    return {proc.info["uids"].real for proc in _live_processes()}
+
+
+def processes_of_uid(uid: int) -> list[psutil.Process]:
+    return [proc for proc in _live_processes() if uid in (proc.info["uids"].real, proc.info["uids"].effective)]
+
+
+def kill_uid(uid: int, init_pid: int | None = None) -> None:
+    """SIGKILL every process owned by `uid`.
+
+    Killing the sandbox's pid 1 first tears its pid namespace down in one step and lets bubblewrap
+    reap it; then kill(-1) executed as `uid` reaches whatever is left, atomically, wherever it is.
+    """
+    if init_pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(init_pid, signal.SIGKILL)
+        for _ in range(50):
+            if not processes_of_uid(uid):
+                return
+            time.sleep(0.01)
+    for _ in range(5):
+        if not processes_of_uid(uid):
+            return
+        subprocess.run(
+            [find_tool("kill"), "-9", "-1"],
+            user=uid,
+            group=uid,
+            extra_groups=[],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+        )
+        time.sleep(0.02)
+    survivors = [p.pid for p in processes_of_uid(uid)]
+    if survivors:
+        log.error("processes of sandbox uid %d survived SIGKILL: %s", uid, survivors)
+
+
+def agent_command_args(
+    *,
+    run_dir: str,
+    home_dir: str,
+    tmp_dir: str,
+    env: dict[str, str],
+    deadline: float,
+    read_anywhere: bool,
+    egress_socket: str | None,
+) -> list[str]:
+    args = [
+        "--run-dir", run_dir,
+        "--home-dir", home_dir,
+        "--tmp-dir", tmp_dir,
+        "--env-json", json.dumps(env),
+        "--deadline", repr(deadline),
+    ]  # fmt: skip
+    if read_anywhere:
+        args.append("--read-anywhere")
+    if egress_socket:
+        args += ["--egress-socket", egress_socket]
+    return args

@@ -1,0 +1,537 @@
+"""Sandbox lifecycle: create, adopt after a restart, expire, kill, reap.
+
+Every sandbox runs as its own host uid, taken from a block derived from state_dir (isolation.py).
+That uid is the handle for cleanup: `kill -9 -1` executed as the uid kills every process the
+sandbox has, atomically, whatever namespaces or sessions they moved to. A restarted host adopts the
+sandboxes whose records are intact and whose agents answer, and kills every other process in its
+uid block, so nothing it started is left behind.
+
+Sandboxes outlive the host process (a graceful stop leaves them running); each agent enforces its
+sandbox's deadline itself, so none outlives its TTL even if the host never comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import string
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from sandbox_host import isolation
+from sandbox_host.agent_client import AgentClient, AgentUnavailable, open_socket_path
+from sandbox_host.config import HostConfig
+from sandbox_host.egress import SOCKET_NAME, EgressProxy
+from sandbox_host.egress import proxy_env as egress_env
+
+log = logging.getLogger("sandbox_host.sandboxes")
+
+ID_ALPHABET = string.ascii_lowercase + string.digits
+RECORD_FILE = "record.json"
+IDEMPOTENCY_FILE = "idempotency.json"
+IDEMPOTENCY_TTL_S = 24 * 3600
+AGENT_READY_TIMEOUT_S = 15.0
+
+
+class SandboxLimitReached(Exception):
+    pass
+
+
+class SandboxStartError(Exception):
+    pass
+
+
+@dataclass
+class SandboxRecord:
+    """What survives a host restart (state_dir/<id>/record.json)."""
+
+    sandbox_id: str
+    template_id: str
+    slot: int
+    uid: int
+    access_token: str
+    started_at: float
+    end_at: float
+    metadata: dict[str, str] = field(default_factory=dict)
+    env_vars: dict[str, str] = field(default_factory=dict)
+    internet_access: bool = True
+    init_pid: int | None = None
+    init_started: float | None = None
+
+
+class Sandbox:
+    def __init__(self, record: SandboxRecord, directory: Path):
+        self.record = record
+        self.directory = directory
+        self.agent: AgentClient | None = None
+        # Preview clients per sandbox port (preview.py), closed with the sandbox.
+        self.previews: dict[int, httpx.AsyncClient] = {}
+        self.gone = asyncio.Event()
+        self._socket_fds: list[int] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._pidfd: int | None = None
+        self.lock = asyncio.Lock()
+
+    @property
+    def sandbox_id(self) -> str:
+        return self.record.sandbox_id
+
+    @property
+    def run_dir(self) -> Path:
+        return self.directory / "run"
+
+    def socket_fd(self, name: str) -> int:
+        fd = open_socket_path(str(self.run_dir / name))
+        self._socket_fds.append(fd)
+        return fd
+
+    async def close_previews(self) -> None:
+        clients, self.previews = list(self.previews.values()), {}
+        for client in clients:
+            await client.aclose()
+
+    def release(self) -> None:
+        for fd in self._socket_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._socket_fds.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._pidfd is not None:
+            with contextlib.suppress(ValueError, RuntimeError):
+                asyncio.get_running_loop().remove_reader(self._pidfd)
+            with contextlib.suppress(OSError):
+                os.close(self._pidfd)
+            self._pidfd = None
+
+
+def new_sandbox_id() -> str:
+    return "".join(secrets.choice(ID_ALPHABET) for _ in range(20))
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+class SandboxManager:
+    def __init__(self, config: HostConfig):
+        self.config = config
+        self.state_dir = config.state_dir
+        self.uid_base = isolation.uid_block(config.state_dir)
+        self.sandboxes: dict[str, Sandbox] = {}
+        self.egress = EgressProxy(config.state_dir)
+        self._idempotency: dict[str, dict[str, Any]] = {}
+        self._pending_creates: dict[str, asyncio.Future[Sandbox]] = {}
+        self._create_lock = asyncio.Lock()
+        self._agent_source = b""
+        self._passwd = self._group = b""
+        self._tasks: set[asyncio.Task] = set()
+
+    # ------------------------------------------------------------------ startup / shutdown
+    async def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        # Traversable but not listable: sandboxes running as other uids need to reach their own
+        # directories in unsafe mode; in isolated mode directories are passed as descriptors.
+        os.chmod(self.state_dir, 0o711)
+        self._agent_source = isolation.AGENT_SOURCE.read_bytes()
+        self._passwd, self._group = isolation.passwd_files()
+        self._load_idempotency()
+        if self.config.isolated:
+            await self.egress.start()
+        await self._adopt_or_reap()
+
+    async def shutdown(self) -> None:
+        """Stop managing; running sandboxes keep running and are adopted by the next start."""
+        for sandbox in self.sandboxes.values():
+            await sandbox.close_previews()
+            sandbox.release()
+        self.sandboxes.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await self.egress.close()
+
+    async def kill_all(self) -> None:
+        await asyncio.gather(*(self.kill(sid) for sid in list(self.sandboxes)))
+
+    async def _adopt_or_reap(self) -> None:
+        adopted_uids: set[int] = set()
+        for directory in sorted(p for p in self.state_dir.iterdir() if p.is_dir() and p != self.egress.directory):
+            record = self._read_record(directory)
+            if record is not None and await self._adopt(record, directory):
+                adopted_uids.add(record.uid)
+                continue
+            if record is not None:
+                await asyncio.to_thread(isolation.kill_uid, record.uid, self._verified_init_pid(record))
+                log.info("reaped sandbox %s left by a previous run", record.sandbox_id)
+            await asyncio.to_thread(shutil.rmtree, directory, True)
+        # Anything else in this host's uid block is a leftover (e.g. a crash between starting a
+        # sandbox and recording it): kill it.
+        stray_uids = {
+            uid
+            for uid in isolation.live_uids()
+            if self.uid_base <= uid < self.uid_base + isolation.UID_BLOCK_SIZE and uid not in adopted_uids
+        }
+        for uid in stray_uids:
+            log.warning("killing stray processes of sandbox uid %d", uid)
+            await asyncio.to_thread(isolation.kill_uid, uid)
+
+    @staticmethod
+    def _read_record(directory: Path) -> SandboxRecord | None:
+        try:
+            return SandboxRecord(**json.loads((directory / RECORD_FILE).read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    @staticmethod
+    def _verified_init_pid(record: SandboxRecord) -> int | None:
+        """The recorded pid 1 of the sandbox, if that process is still the one recorded."""
+        if record.init_pid is None:
+            return None
+        try:
+            init = psutil.Process(record.init_pid)
+            if abs(init.create_time() - (record.init_started or 0)) < 0.01 and init.uids().real == record.uid:
+                return record.init_pid
+        except psutil.Error:
+            pass
+        return None
+
+    async def _adopt(self, record: SandboxRecord, directory: Path) -> bool:
+        if record.end_at <= time.time() or self._verified_init_pid(record) is None:
+            return False
+        assert record.init_pid is not None
+        sandbox = Sandbox(record, directory)
+        try:
+            sandbox.agent = AgentClient(sandbox.socket_fd("agent.sock"))
+            await asyncio.wait_for(sandbox.agent.call("ping"), 5)
+            self._watch(sandbox, record.init_pid)
+        except (AgentUnavailable, OSError, asyncio.TimeoutError):
+            sandbox.release()
+            return False
+        self.sandboxes[record.sandbox_id] = sandbox
+        self._arm_timer(sandbox)
+        log.info("adopted sandbox %s", record.sandbox_id)
+        return True
+
+    # ------------------------------------------------------------------ idempotency
+    def _load_idempotency(self) -> None:
+        path = self.state_dir / IDEMPOTENCY_FILE
+        try:
+            entries = json.loads(path.read_text())
+        except (OSError, ValueError):
+            entries = {}
+        cutoff = time.time() - IDEMPOTENCY_TTL_S
+        self._idempotency = {k: v for k, v in entries.items() if v.get("created_at", 0) > cutoff}
+
+    def _save_idempotency(self) -> None:
+        cutoff = time.time() - IDEMPOTENCY_TTL_S
+        self._idempotency = {k: v for k, v in self._idempotency.items() if v["created_at"] > cutoff}
+        _write_json(self.state_dir / IDEMPOTENCY_FILE, self._idempotency)
+
+    # ------------------------------------------------------------------ create
+    async def create(
+        self,
+        *,
+        template_id: str,
+        timeout_s: int,
+        metadata: dict[str, str],
+        env_vars: dict[str, str],
+        internet_access: bool,
+        idempotency_key: str | None,
+    ) -> SandboxRecord:
+        """Create a sandbox, or return the one this idempotency key already created."""
+        if idempotency_key is None:
+            sandbox = await self._create(template_id, timeout_s, metadata, env_vars, internet_access)
+            return sandbox.record
+        while True:
+            known = self._idempotency.get(idempotency_key)
+            if known is not None:
+                return SandboxRecord(**known["record"])
+            pending = self._pending_creates.get(idempotency_key)
+            if pending is None:
+                break
+            # A concurrent request with this key is creating it: share its outcome.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(pending)
+        future: asyncio.Future[Sandbox] = asyncio.get_running_loop().create_future()
+        self._pending_creates[idempotency_key] = future
+        try:
+            sandbox = await self._create(template_id, timeout_s, metadata, env_vars, internet_access)
+            self._idempotency[idempotency_key] = {"record": asdict(sandbox.record), "created_at": time.time()}
+            self._save_idempotency()
+            future.set_result(sandbox)
+            return sandbox.record
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # waiters retry on their own; don't warn about an unretrieved error
+            raise
+        finally:
+            del self._pending_creates[idempotency_key]
+
+    def _free_slot(self) -> int:
+        used = {sb.record.slot for sb in self.sandboxes.values()}
+        for slot in range(min(self.config.max_sandboxes, isolation.UID_BLOCK_SIZE - 2)):
+            if slot not in used:
+                return slot
+        raise SandboxLimitReached(f"the host runs its maximum of {self.config.max_sandboxes} sandboxes")
+
+    async def _create(
+        self,
+        template_id: str,
+        timeout_s: int,
+        metadata: dict[str, str],
+        env_vars: dict[str, str],
+        internet_access: bool,
+    ) -> Sandbox:
+        async with self._create_lock:  # slot allocation and registration are one step
+            slot = self._free_slot()
+            now = time.time()
+            record = SandboxRecord(
+                sandbox_id=new_sandbox_id(),
+                template_id=template_id,
+                slot=slot,
+                uid=self.uid_base + slot,
+                access_token=secrets.token_urlsafe(24),
+                started_at=now,
+                end_at=now + timeout_s,
+                metadata=metadata,
+                env_vars=env_vars,
+                internet_access=internet_access,
+            )
+            sandbox = Sandbox(record, self.state_dir / record.sandbox_id)
+            self.sandboxes[record.sandbox_id] = sandbox
+        try:
+            await self._launch(sandbox)
+        except BaseException:
+            self.sandboxes.pop(record.sandbox_id, None)
+            sandbox.release()
+            await asyncio.to_thread(isolation.kill_uid, record.uid)  # whatever got started
+            await asyncio.to_thread(self._remove_files, sandbox)
+            raise
+        self._arm_timer(sandbox)
+        log.info("created sandbox %s (template %s, timeout %ss)", record.sandbox_id, template_id, timeout_s)
+        return sandbox
+
+    def _prepare_dirs(self, sandbox: Sandbox) -> None:
+        uid = sandbox.record.uid
+        sandbox.directory.mkdir(mode=0o711)
+        for name in ("home", "tmp", "run"):
+            path = sandbox.directory / name
+            path.mkdir(mode=0o700 if name != "tmp" else 0o1777)
+            os.chown(path, uid, uid)
+        os.chmod(sandbox.directory / "tmp", 0o1777)
+        (sandbox.directory / "home" / "project").mkdir()
+        os.chown(sandbox.directory / "home" / "project", uid, uid)
+        _write_json(sandbox.directory / RECORD_FILE, asdict(sandbox.record))
+
+    async def _launch(self, sandbox: Sandbox) -> None:
+        record = sandbox.record
+        await asyncio.to_thread(self._prepare_dirs, sandbox)
+        egress = self.config.isolated and record.internet_access
+        env = isolation.sandbox_env({**(egress_env() if egress else {}), **record.env_vars})
+        limits = [isolation.find_tool("prlimit"), *self.config.limits.prlimit_args(), "--"]
+        log_file = open(sandbox.directory / "agent.log", "ab")
+        fds: list[int] = []
+        info_r: int | None = None
+        try:
+            if self.config.isolated:
+                info_r, info_w = os.pipe()
+                agent_fd = isolation.memfd("agent", self._agent_source)
+                passwd_fd = isolation.memfd("passwd", self._passwd)
+                group_fd = isolation.memfd("group", self._group)
+                fds = [agent_fd, passwd_fd, group_fd, info_w]
+                agent_args = isolation.agent_command_args(
+                    run_dir=isolation.RUN_DIR_INSIDE,
+                    home_dir=isolation.SANDBOX_HOME,
+                    tmp_dir="/tmp",
+                    env=env,
+                    deadline=record.end_at,
+                    read_anywhere=True,
+                    egress_socket=f"{isolation.EGRESS_DIR_INSIDE}/{SOCKET_NAME}" if egress else None,
+                )
+                cmd = limits + isolation.bwrap_args(
+                    bwrap=isolation.find_tool("bwrap"),
+                    home_dir=sandbox.directory / "home",
+                    tmp_dir=sandbox.directory / "tmp",
+                    run_dir=sandbox.run_dir,
+                    egress_dir=self.egress.directory if egress else None,
+                    agent_fd=agent_fd,
+                    passwd_fd=passwd_fd,
+                    group_fd=group_fd,
+                    info_fd=info_w,
+                    python=isolation.system_python(),
+                    agent_args=agent_args,
+                )
+                pass_fds = tuple(fds)
+            else:
+                env["HOME"] = str(sandbox.directory / "home")
+                env["TMPDIR"] = str(sandbox.directory / "tmp")
+                agent_args = isolation.agent_command_args(
+                    run_dir=str(sandbox.run_dir),
+                    home_dir=str(sandbox.directory / "home"),
+                    tmp_dir=str(sandbox.directory / "tmp"),
+                    env=env,
+                    deadline=record.end_at,
+                    read_anywhere=False,
+                    egress_socket=None,  # unisolated sandboxes share the host's network
+                )
+                # The sandbox uid may not reach the repository or the venv: run a copy of the agent.
+                agent_copy = sandbox.directory / "agent.py"
+                agent_copy.write_bytes(self._agent_source)
+                agent_copy.chmod(0o644)
+                cmd = limits + [isolation.system_python(), "-I", str(agent_copy), *agent_args]
+                pass_fds = ()
+            process = await asyncio.create_subprocess_exec(
+                *cmd,
+                pass_fds=pass_fds,
+                user=record.uid,
+                group=record.uid,
+                extra_groups=[],
+                start_new_session=True,  # never part of the host's process group or terminal
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                cwd=str(sandbox.directory / "home") if not self.config.isolated else "/",
+            )
+        finally:
+            log_file.close()
+            for fd in fds:
+                os.close(fd)
+        self._reap_child(process)
+        if info_r is not None:
+            init_pid = await asyncio.wait_for(asyncio.to_thread(_read_child_pid, info_r), AGENT_READY_TIMEOUT_S)
+        else:
+            init_pid = process.pid
+        if init_pid is None:
+            raise SandboxStartError(f"sandbox failed to start: {self._agent_log_tail(sandbox)}")
+        await self._wait_for_agent(sandbox, process)
+        record.init_pid = init_pid
+        record.init_started = psutil.Process(init_pid).create_time()
+        await asyncio.to_thread(_write_json, sandbox.directory / RECORD_FILE, asdict(record))
+        self._watch(sandbox, init_pid)
+
+    async def _wait_for_agent(self, sandbox: Sandbox, process: asyncio.subprocess.Process) -> None:
+        deadline = time.monotonic() + AGENT_READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if process.returncode is not None:
+                break
+            try:
+                sandbox.agent = AgentClient(sandbox.socket_fd("agent.sock"))
+                await sandbox.agent.call("ping")
+                return
+            except (FileNotFoundError, AgentUnavailable):
+                sandbox.release()
+                await asyncio.sleep(0.005)
+        raise SandboxStartError(f"sandbox agent did not start: {self._agent_log_tail(sandbox)}")
+
+    @staticmethod
+    def _agent_log_tail(sandbox: Sandbox) -> str:
+        try:
+            return (sandbox.directory / "agent.log").read_text(errors="replace")[-2000:].strip() or "no output"
+        except OSError:
+            return "no output"
+
+    def _reap_child(self, process: asyncio.subprocess.Process) -> None:
+        task = asyncio.get_running_loop().create_task(process.wait())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _watch(self, sandbox: Sandbox, pid: int) -> None:
+        """Notice the sandbox ending on its own (agent deadline, crash) through a pidfd."""
+        pidfd = os.pidfd_open(pid)
+        sandbox._pidfd = pidfd
+        asyncio.get_running_loop().add_reader(pidfd, self._on_exit, sandbox)
+
+    def _on_exit(self, sandbox: Sandbox) -> None:
+        if sandbox._pidfd is not None:
+            asyncio.get_running_loop().remove_reader(sandbox._pidfd)
+        self._spawn(self._finish(sandbox, "its processes exited"))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ timeouts
+    def _arm_timer(self, sandbox: Sandbox) -> None:
+        if sandbox._timer is not None:
+            sandbox._timer.cancel()
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, sandbox.record.end_at - time.time())
+        sandbox._timer = loop.call_later(delay, lambda: self._spawn(self._finish(sandbox, "its timeout expired")))
+
+    async def set_timeout(self, sandbox_id: str, timeout_s: int, *, extend_only: bool = False) -> SandboxRecord | None:
+        sandbox = self.sandboxes.get(sandbox_id)
+        if sandbox is None:
+            return None
+        async with sandbox.lock:
+            end_at = time.time() + timeout_s
+            if extend_only and end_at <= sandbox.record.end_at:
+                return sandbox.record
+            sandbox.record.end_at = end_at
+            await asyncio.to_thread(_write_json, sandbox.directory / RECORD_FILE, asdict(sandbox.record))
+            assert sandbox.agent is not None
+            with contextlib.suppress(AgentUnavailable):
+                await sandbox.agent.call("set_deadline", deadline=end_at)
+            self._arm_timer(sandbox)
+        return sandbox.record
+
+    # ------------------------------------------------------------------ kill / finish
+    async def kill(self, sandbox_id: str) -> bool:
+        sandbox = self.sandboxes.get(sandbox_id)
+        if sandbox is None:
+            return False
+        await self._finish(sandbox, "it was killed")
+        return True
+
+    async def _finish(self, sandbox: Sandbox, reason: str) -> None:
+        if self.sandboxes.get(sandbox.sandbox_id) is not sandbox:
+            await sandbox.gone.wait()
+            return
+        del self.sandboxes[sandbox.sandbox_id]
+        await sandbox.close_previews()
+        sandbox.release()
+        await asyncio.to_thread(isolation.kill_uid, sandbox.record.uid, self._verified_init_pid(sandbox.record))
+        await asyncio.to_thread(self._remove_files, sandbox)
+        sandbox.gone.set()
+        log.info("sandbox %s ended: %s", sandbox.sandbox_id, reason)
+
+    @staticmethod
+    def _remove_files(sandbox: Sandbox) -> None:
+        shutil.rmtree(sandbox.directory, ignore_errors=True)
+
+    # ------------------------------------------------------------------ queries
+    def get(self, sandbox_id: str) -> Sandbox | None:
+        return self.sandboxes.get(sandbox_id)
+
+    def list(self) -> list[Sandbox]:
+        return sorted(self.sandboxes.values(), key=lambda sb: (sb.record.started_at, sb.sandbox_id))
+
+
+def _read_child_pid(info_fd: int) -> int | None:
+    """bwrap writes {"child-pid": N} (the sandbox's pid 1, as the host sees it) to --info-fd."""
+    chunks = []
+    try:
+        while True:
+            chunk = os.read(info_fd, 4096)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            with contextlib.suppress(ValueError):
+                return int(json.loads(b"".join(chunks))["child-pid"])
+    finally:
+        os.close(info_fd)
+    return None

@@ -1,0 +1,121 @@
+"""`python -m sandbox_host` / `genloop sandbox-host`: run the local E2B-compatible sandbox host."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+import uvicorn
+from pydantic import SecretStr
+
+from genloop.settings import ConfigError, Settings, get_settings
+from sandbox_host.app import HostApp
+from sandbox_host.config import HostConfig
+from sandbox_host.isolation import IsolationUnavailable, check_bubblewrap
+from sandbox_host.sandboxes import SandboxManager
+
+log = logging.getLogger("sandbox_host")
+
+# Streams of background commands stay open for as long as their clients keep them; a stop must
+# not wait for them.
+GRACEFUL_SHUTDOWN_S = 3
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="sandbox-host",
+        description="Local E2B-compatible sandbox host: point e2b.AsyncSandbox's api_url and sandbox_url at it.",
+    )
+    parser.add_argument("--host", help="address to bind (default: settings sandbox_host.host, 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port for the API, envd and previews (default: 49983)")
+    parser.add_argument("--state-dir", help="where sandboxes live (relative: under data_dir)")
+    parser.add_argument("--api-key", help="accept only this API key (default: any non-empty key)")
+    parser.add_argument(
+        "--unsafe-no-isolation",
+        action="store_true",
+        default=None,
+        help="run sandboxes without bubblewrap (no filesystem, process or network isolation)",
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser.parse_args(argv)
+
+
+def apply_overrides(settings: Settings, args: argparse.Namespace) -> Settings:
+    updates: dict[str, object] = {}
+    if args.host is not None:
+        updates["host"] = args.host
+    if args.port is not None:
+        updates["port"] = args.port
+    if args.state_dir is not None:
+        updates["state_dir"] = args.state_dir
+    if args.api_key is not None:
+        updates["api_key"] = SecretStr(args.api_key)
+    if args.unsafe_no_isolation:
+        updates["unsafe_no_isolation"] = True
+    current = settings.sandbox_host
+    section = type(current).model_validate({**current.model_dump(), **updates})  # validates the flags too
+    return settings.model_copy(update={"sandbox_host": section})
+
+
+async def serve(config: HostConfig, log_level: str) -> int:
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(config.state_dir, 0o711)
+    if config.isolated:
+        try:
+            await asyncio.to_thread(check_bubblewrap, config.state_dir)
+        except IsolationUnavailable as exc:
+            log.error(
+                "refusing to start: %s. Fix that, or pass --unsafe-no-isolation to run sandboxes unisolated.", exc
+            )
+            return 2
+    else:
+        log.warning("!" * 88)
+        log.warning("UNSAFE: sandboxes run WITHOUT isolation. Their commands can read and write whatever")
+        log.warning("their uid can reach on this machine, share its network and ports, and see its processes.")
+        log.warning("Use only with trusted code, on a machine where bubblewrap cannot run.")
+        log.warning("!" * 88)
+    manager = SandboxManager(config)
+    await manager.start()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            HostApp(manager, config),
+            host=config.host,
+            port=config.port,
+            lifespan="off",
+            log_level=log_level,
+            access_log=log_level == "debug",
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        )
+    )
+    log.info(
+        "sandbox host on http://%s:%d (state %s, %s, %d sandboxes adopted)",
+        config.host,
+        config.port,
+        config.state_dir,
+        "isolated with bubblewrap" if config.isolated else "NOT isolated",
+        len(manager.sandboxes),
+    )
+    try:
+        await server.serve()
+    finally:
+        # Sandboxes keep running under their own deadlines; the next start adopts them.
+        await manager.shutdown()
+    return 0 if server.started else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the preview proxy's upstream requests
+    try:
+        settings = apply_overrides(get_settings(), args)
+        config = HostConfig.from_settings(settings)
+    except (ConfigError, ValueError) as exc:
+        log.error("invalid configuration: %s", exc)
+        return 2
+    return asyncio.run(serve(config, args.log_level))

@@ -1,0 +1,144 @@
+"""A real sandbox host for tests: `async with running_host(tmp_path) as host: ...`.
+
+The host runs as a subprocess (`python -m sandbox_host`) on a free port, exactly as in production.
+On exit it is stopped and every sandbox it started is killed, even if the test killed the host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from genloop.settings import get_settings
+from sandbox_host.config import HostConfig
+from sandbox_host.isolation import IsolationUnavailable, check_traversable
+from sandbox_host.sandboxes import SandboxManager
+
+READY_TIMEOUT_S = 30.0
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningHost:
+    def __init__(self, state_dir: Path, log_path: Path, port: int, api_key: str, overrides: dict[str, Any]):
+        self.state_dir = state_dir
+        self.log_path = log_path
+        self.port = port
+        self.api_key = api_key
+        self.url = f"http://127.0.0.1:{port}"
+        self._overrides = overrides
+        self._process: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None, "the host is not running"
+        return self._process.pid
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.returncode is None
+
+    def sdk_options(self) -> dict[str, Any]:
+        """Keyword arguments for AsyncSandbox.create/connect/list (and instance calls' **opts)."""
+        return {"api_key": self.api_key, "api_url": self.url, "sandbox_url": self.url}
+
+    def config(self) -> HostConfig:
+        settings = get_settings()
+        section = settings.sandbox_host.model_copy(
+            update={"state_dir": str(self.state_dir), "port": self.port, **self._overrides}
+        )
+        return HostConfig.from_settings(settings.model_copy(update={"sandbox_host": section}))
+
+    async def start(self) -> None:
+        env = dict(os.environ)
+        for key, value in self._overrides.items():
+            env[f"GENLOOP_SANDBOX_HOST_{key.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+        args = ["--port", str(self.port), "--state-dir", str(self.state_dir), "--api-key", self.api_key]
+        with open(self.log_path, "ab") as log:
+            self._process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "sandbox_host", *args, cwd=REPO_ROOT, env=env, stdout=log, stderr=log
+            )
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        async with httpx.AsyncClient() as client:
+            while time.monotonic() < deadline:
+                if self._process.returncode is not None:
+                    break
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get(f"{self.url}/health", timeout=1)).status_code == 200:
+                        return
+                await asyncio.sleep(0.05)
+        tail = self.log_path.read_text(errors="replace")[-3000:]
+        await self.kill()
+        raise RuntimeError(f"sandbox host did not become ready:\n{tail}")
+
+    async def _signal(self, sig: int) -> None:
+        if self._process is None or self._process.returncode is not None:
+            return
+        self._process.send_signal(sig)
+        await self._process.wait()
+
+    async def stop(self) -> None:
+        """SIGTERM: a graceful stop. Sandboxes keep running; the next start adopts them."""
+        await self._signal(signal.SIGTERM)
+
+    async def kill(self) -> None:
+        """SIGKILL the host, as a crash would."""
+        await self._signal(signal.SIGKILL)
+
+    async def restart(self, *, crash: bool = False) -> None:
+        await (self.kill() if crash else self.stop())
+        await self.start()
+
+    async def reap(self) -> None:
+        """Kill every sandbox this host started (the host must not be running)."""
+        manager = SandboxManager(self.config())
+        await manager.start()
+        await manager.kill_all()
+        await manager.shutdown()
+
+
+@contextlib.asynccontextmanager
+async def running_host(tmp_dir: Path | str, **setting_overrides: Any) -> AsyncIterator[RunningHost]:
+    """Start a host whose state lives under tmp_dir; `setting_overrides` are settings.sandbox_host fields.
+
+    Sandboxes run as unprivileged uids that must be able to reach state_dir; when tmp_dir's parents
+    are private (pytest's tmp_path is under a 0700 directory) the state goes to a fresh directory in
+    the system temp dir instead, removed afterwards.
+    """
+    api_key = str(setting_overrides.pop("api_key", None) or "test-" + secrets.token_hex(8))
+    tmp_dir = Path(tmp_dir)
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        check_traversable(tmp_dir)
+        state_dir, own_dir = tmp_dir / "sandbox-host", None
+    except IsolationUnavailable:
+        own_dir = Path(tempfile.mkdtemp(prefix="sandbox-host-"))
+        os.chmod(own_dir, 0o711)
+        state_dir = own_dir / "state"
+    host = RunningHost(state_dir, tmp_dir / "sandbox-host.log", free_port(), api_key, setting_overrides)
+    await host.start()
+    try:
+        yield host
+    finally:
+        await host.stop()
+        await host.reap()
+        if own_dir is not None:
+            shutil.rmtree(own_dir, ignore_errors=True)
