@@ -6,6 +6,7 @@ host) and how the preview is reached from this process (genloop.http.preview_cli
 
 from __future__ import annotations
 
+import hashlib
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any
@@ -23,8 +24,9 @@ PROJECT_METADATA_KEY = "genloop_project_id"
 
 
 def idempotency_key_for(build_id: str) -> str:
-    # Derived from the build id: a retried create returns the sandbox the first attempt made.
-    return f"genloop-build-{build_id}"
+    # Derived from the build id, so a retried create returns the sandbox the first attempt made.
+    # Hashed because E2B accepts only [a-z0-9-] and build ids may hold capitals and underscores.
+    return "genloop-" + hashlib.sha256(build_id.encode()).hexdigest()[:40]
 
 
 @dataclass(frozen=True)
@@ -128,3 +130,17 @@ def _redact(text: str) -> str:
             word = urllib.parse.urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))
         out.append(word)
     return " ".join(out)
+
+
+async def close_sdk_transports() -> None:
+    """Close the e2b SDK's process-wide connection pools (pyqwest, a Rust runtime) while the event
+    loop still runs; left open, their threads can abort the interpreter at exit."""
+    from e2b.api import client_async
+
+    for cache in (client_async._httpx_transports, client_async._transports, client_async._pools):
+        transports = list(cache.values())
+        cache.clear()
+        for transport in transports:
+            aclose = getattr(transport, "aclose", None)  # retry wrappers hold no connections
+            if aclose is not None:
+                await aclose()

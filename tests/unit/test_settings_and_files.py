@@ -84,3 +84,14 @@ def test_missing_content_and_oversize_rejected():
         validate_working_files({"big": working_file("big", "x" * (MAX_FILE_BYTES + 1))})
     with pytest.raises(GenloopError, match="no files"):
         validate_working_files({})
+
+
+@pytest.mark.parametrize("build_id", ["b-1", "Build_ID_With_Caps", "x" * 300])
+def test_idempotency_key_is_valid_for_e2b(build_id):
+    from e2b.retry import resolve_idempotency_key
+
+    from activities.sandbox import idempotency_key_for
+
+    key = idempotency_key_for(build_id)
+    assert resolve_idempotency_key(key) == key
+    assert idempotency_key_for(build_id) == key and idempotency_key_for(build_id + "2") != key
