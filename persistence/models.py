@@ -1,0 +1,107 @@
+"""SQLModel tables. The schema is owned by Alembic (`migrations/`); a test asserts no drift."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import DateTime, ForeignKeyConstraint, Index, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel
+
+from workflows.stages import Stage
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC on every backend. SQLite has no time zones: values are stored as UTC and
+    read back naive, so the UTC tzinfo is re-attached here."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: pass a timezone-aware value")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Job(SQLModel, table=True):
+    __tablename__: ClassVar[str] = "jobs"
+    __table_args__: ClassVar[tuple[Any, ...]] = (
+        # NULL build_versions (builds not yet ready) never collide with each other.
+        UniqueConstraint("project_id", "build_version", name="uq_jobs_project_id_build_version"),
+        # Serves newest-first listing per project (scanned backwards).
+        Index("ix_jobs_project_id_created_at", "project_id", "created_at"),
+    )
+
+    id: str = Field(sa_type=String(255), primary_key=True)  # the build id (= workflow id)
+    # Indexed by ix_jobs_project_id_created_at (leading column); a separate index would be redundant.
+    project_id: str = Field(sa_type=String(255))
+    goal: str = Field(sa_type=Text)
+    status: str = Field(default=Stage.QUEUED.value, sa_type=String(20))
+    status_message: str = Field(default="", sa_type=Text)
+    error_message: str | None = Field(default=None, sa_type=Text)  # friendly, shown to users
+    error_detail: str | None = Field(default=None, sa_type=Text)  # internal, never shown to users
+    debug_id: str | None = Field(default=None, sa_type=String(64), index=True)
+    sandbox_id: str | None = Field(default=None, sa_type=String(255))
+    preview_url: str | None = Field(default=None, sa_type=Text)
+    build_version: str | None = Field(default=None, sa_type=String(50))
+    workspace_path: str | None = Field(default=None, sa_type=String(500))
+    workflow_id: str | None = Field(default=None, sa_type=String(255))
+    run_id: str | None = Field(default=None, sa_type=String(255))
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+    @property
+    def stage(self) -> Stage:
+        return Stage(self.status)
+
+
+class JobTransition(SQLModel, table=True):
+    """One row per persisted stage change, numbered per build by `seq` (1 = queued)."""
+
+    __tablename__: ClassVar[str] = "job_transitions"
+    __table_args__: ClassVar[tuple[Any, ...]] = (
+        ForeignKeyConstraint(["build_id"], ["jobs.id"], name="fk_job_transitions_build_id_jobs", ondelete="CASCADE"),
+        # Also the index for lookups by build_id (its leading column).
+        UniqueConstraint("build_id", "seq", name="uq_job_transitions_build_id_seq"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    build_id: str = Field(sa_type=String(255))
+    seq: int
+    stage: str = Field(sa_type=String(20))
+    message: str = Field(default="", sa_type=Text)
+    at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class BuildCounter(SQLModel, table=True):
+    """The last build_v0_N handed out per project: bumped by an atomic upsert, never max()+1."""
+
+    __tablename__: ClassVar[str] = "build_counters"
+
+    project_id: str = Field(sa_type=String(255), primary_key=True)
+    last_n: int
+
+
+class Blob(SQLModel, table=True):
+    """Claim-check store for generated files: content-addressed by sha256, so puts are idempotent."""
+
+    __tablename__: ClassVar[str] = "blobs"
+
+    digest: str = Field(sa_type=String(64), primary_key=True)
+    size: int
+    content: bytes = Field(sa_type=LargeBinary)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)

@@ -1,0 +1,316 @@
+"""The repository functions activities and the API call. Every method is one short transaction.
+
+Writes run under a lock on the job row (`SELECT ... FOR UPDATE` on PostgreSQL; on SQLite every
+write transaction starts with BEGIN IMMEDIATE, which serializes writers), so a read-validate-write
+never interleaves with another writer. Connection trouble surfaces as
+`GenloopError(DATABASE_UNAVAILABLE)`, which callers retry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from genloop.errors import ErrorKind, GenloopError
+from persistence.db import WRITE_TRANSACTION, database_errors, describe_url, make_engine, make_session_factory
+from persistence.models import Blob, BuildCounter, Job, JobTransition, utcnow
+from workflows.stages import Stage, is_allowed
+
+MAX_PAGE_SIZE = 200
+# Keeps IN (...) lists well under SQLite's and PostgreSQL's bound-parameter limits.
+_BLOB_BATCH = 500
+
+
+class JobRepository:
+    def __init__(self, session_factory: async_sessionmaker[AsyncSession]) -> None:
+        bind = session_factory.kw.get("bind")
+        if bind is None:
+            raise ValueError("the session factory must be bound to an engine")
+        self._sessions = session_factory
+        self._dialect = bind.dialect.name
+        self._where = describe_url(bind.url)
+        self._owned_engine: AsyncEngine | None = None
+
+    @classmethod
+    def from_url(cls, url: str) -> JobRepository:
+        engine = make_engine(url)
+        repo = cls(make_session_factory(engine))
+        repo._owned_engine = engine
+        return repo
+
+    async def aclose(self) -> None:
+        """Dispose of the engine if `from_url` created it; a caller-supplied engine is the caller's."""
+        if self._owned_engine is not None:
+            await self._owned_engine.dispose()
+
+    # --- jobs and transitions -------------------------------------------------------------------
+
+    async def create_job(
+        self,
+        build_id: str,
+        project_id: str,
+        goal: str,
+        *,
+        workflow_id: str | None = None,
+        run_id: str | None = None,
+    ) -> Job:
+        """Insert the job as `queued` with its first transition. An existing job is returned as is."""
+        async with self._write() as session:
+            now = utcnow()
+            inserted = await session.execute(
+                self._insert(Job)
+                .values(
+                    id=build_id,
+                    project_id=project_id,
+                    goal=goal,
+                    status=Stage.QUEUED.value,
+                    status_message=Stage.QUEUED.label,
+                    workflow_id=workflow_id,
+                    run_id=run_id,
+                    created_at=now,
+                    updated_at=now,
+                )
+                # A concurrent or repeated create (activity retry) loses quietly instead of raising.
+                .on_conflict_do_nothing(index_elements=["id"])
+                .returning(Job.id)
+            )
+            if inserted.scalar_one_or_none() is not None:
+                session.add(
+                    JobTransition(build_id=build_id, seq=1, stage=Stage.QUEUED.value, message=Stage.QUEUED.label, at=now)
+                )
+            return await self._locked_job(session, build_id)
+
+    async def transition(
+        self,
+        build_id: str,
+        stage: Stage,
+        *,
+        message: str = "",
+        at: datetime | None = None,
+        error_message: str | None = None,
+        error_detail: str | None = None,
+        debug_id: str | None = None,
+        run_id: str | None = None,
+    ) -> Job:
+        """Move the build to `stage`, validated against the stage table, and record the transition.
+
+        Re-applying the current stage is a no-op (an activity retried after its commit landed).
+        """
+        stage = Stage(stage)
+        async with self._write() as session:
+            job = await self._locked_job(session, build_id)
+            if job.stage is stage:
+                return job
+            _check_transition(job, stage)
+            for field, value in (
+                ("error_message", error_message),
+                ("error_detail", error_detail),
+                ("debug_id", debug_id),
+                ("run_id", run_id),
+            ):
+                if value is not None:
+                    setattr(job, field, value)
+            await self._record_transition(session, job, stage, message, at)
+            return job
+
+    async def set_sandbox(self, build_id: str, sandbox_id: str, workspace_path: str) -> Job:
+        async with self._write() as session:
+            job = await self._locked_job(session, build_id)
+            job.sandbox_id = sandbox_id
+            job.workspace_path = workspace_path
+            job.updated_at = utcnow()
+            return job
+
+    async def allocate_build_version(self, build_id: str, project_id: str) -> str:
+        """`build_v0_N`, N one above the project's last; the same value again for the same build."""
+        async with self._write() as session:
+            job = await self._locked_job(session, build_id)
+            if job.project_id != project_id:
+                raise GenloopError(
+                    ErrorKind.INVALID_INPUT, f"build {build_id} belongs to project {job.project_id!r}, not {project_id!r}"
+                )
+            return await self._ensure_build_version(session, job)
+
+    async def finish_ready(
+        self,
+        build_id: str,
+        *,
+        sandbox_id: str,
+        preview_url: str,
+        workspace_path: str,
+        message: str = "",
+        at: datetime | None = None,
+    ) -> Job:
+        """Version, sandbox columns and the `ready` transition in one transaction: all or nothing."""
+        async with self._write() as session:
+            job = await self._locked_job(session, build_id)
+            if job.stage is Stage.READY:
+                return job
+            # Validate before allocating so an illegal finish consumes no version number.
+            _check_transition(job, Stage.READY)
+            await self._ensure_build_version(session, job)
+            job.sandbox_id = sandbox_id
+            job.preview_url = preview_url
+            job.workspace_path = workspace_path
+            await self._record_transition(session, job, Stage.READY, message, at)
+            return job
+
+    async def get(self, build_id: str) -> Job | None:
+        async with self._read() as session:
+            return await session.get(Job, build_id)
+
+    async def get_by_debug_id(self, debug_id: str) -> Job | None:
+        async with self._read() as session:
+            return (await session.execute(select(Job).where(Job.debug_id == debug_id).limit(1))).scalar_one_or_none()
+
+    async def list_jobs(self, project_id: str, *, limit: int = 20, before: str | None = None) -> list[Job]:
+        """A page of the project's jobs, newest first. `before` is the id of the last job of the
+        previous page (keyset pagination: stable while new jobs arrive, no OFFSET scans)."""
+        if not 1 <= limit <= MAX_PAGE_SIZE:
+            raise GenloopError(ErrorKind.INVALID_INPUT, f"limit must be between 1 and {MAX_PAGE_SIZE}, got {limit}")
+        async with self._read() as session:
+            query = select(Job).where(Job.project_id == project_id)
+            if before is not None:
+                cursor = await session.get(Job, before)
+                if cursor is None or cursor.project_id != project_id:
+                    raise GenloopError(ErrorKind.INVALID_INPUT, f"unknown cursor {before!r} for project {project_id!r}")
+                # (created_at, id) is unique, so ties on created_at neither repeat nor skip rows.
+                query = query.where(
+                    or_(
+                        Job.created_at < cursor.created_at,
+                        and_(Job.created_at == cursor.created_at, Job.id < cursor.id),
+                    )
+                )
+            query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+            return list((await session.execute(query)).scalars())
+
+    async def list_transitions(self, build_id: str) -> list[JobTransition]:
+        async with self._read() as session:
+            query = select(JobTransition).where(JobTransition.build_id == build_id).order_by(JobTransition.seq)
+            return list((await session.execute(query)).scalars())
+
+    # --- blobs ----------------------------------------------------------------------------------
+
+    async def put_blob(self, content: bytes) -> str:
+        digest = hashlib.sha256(content).hexdigest()
+        async with self._write() as session:
+            await session.execute(
+                self._insert(Blob)
+                .values(digest=digest, size=len(content), content=content, created_at=utcnow())
+                .on_conflict_do_nothing(index_elements=["digest"])
+            )
+        return digest
+
+    async def get_blob(self, digest: str) -> bytes:
+        return (await self.get_blobs([digest]))[digest]
+
+    async def get_blobs(self, digests: Iterable[str]) -> dict[str, bytes]:
+        """All requested blobs by digest; NOT_FOUND names any that are missing."""
+        wanted = list(dict.fromkeys(digests))
+        found: dict[str, bytes] = {}
+        async with self._read() as session:
+            for start in range(0, len(wanted), _BLOB_BATCH):
+                batch = wanted[start : start + _BLOB_BATCH]
+                rows = await session.execute(select(Blob.digest, Blob.content).where(Blob.digest.in_(batch)))
+                found.update((digest, bytes(content)) for digest, content in rows)
+        missing = [d for d in wanted if d not in found]
+        if missing:
+            raise GenloopError(ErrorKind.NOT_FOUND, f"blobs not found: {', '.join(missing)}")
+        return found
+
+    # --- internals ------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncSession]:
+        with database_errors(self._where):
+            async with self._sessions() as session, session.begin():
+                # Procure the connection with the write marker before anything runs, so SQLite
+                # starts this transaction with BEGIN IMMEDIATE.
+                await session.connection(execution_options=WRITE_TRANSACTION)
+                yield session
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncSession]:
+        with database_errors(self._where):
+            async with self._sessions() as session:
+                yield session
+
+    def _insert(self, model: type[Any]) -> Any:
+        # Both dialects' INSERT support ON CONFLICT (SQLite >= 3.24) and RETURNING (>= 3.35).
+        return (postgresql if self._dialect == "postgresql" else sqlite).insert(model)
+
+    async def _locked_job(self, session: AsyncSession, build_id: str) -> Job:
+        job = (await session.execute(select(Job).where(Job.id == build_id).with_for_update())).scalar_one_or_none()
+        if job is None:
+            raise GenloopError(ErrorKind.NOT_FOUND, f"build {build_id} not found")
+        return job
+
+    async def _ensure_build_version(self, session: AsyncSession, job: Job) -> str:
+        if job.build_version is not None:
+            return job.build_version
+        # One atomic statement: the upsert's row lock serializes concurrent builds of a project, so
+        # no two get the same N (unlike reading max() and writing max()+1).
+        bumped = await session.execute(
+            self._insert(BuildCounter)
+            .values(project_id=job.project_id, last_n=1)
+            .on_conflict_do_update(index_elements=["project_id"], set_={"last_n": BuildCounter.last_n + 1})
+            .returning(BuildCounter.last_n)
+        )
+        job.build_version = f"build_v0_{bumped.scalar_one()}"
+        job.updated_at = utcnow()
+        return job.build_version
+
+    async def _record_transition(
+        self, session: AsyncSession, job: Job, stage: Stage, message: str, at: datetime | None
+    ) -> None:
+        # Safe without a sequence: the caller holds the job row lock, and every transition of a
+        # build goes through it. The (build_id, seq) unique constraint backs this up.
+        last_seq = await session.scalar(select(func.max(JobTransition.seq)).where(JobTransition.build_id == job.id))
+        text = message or stage.label
+        job.status = stage.value
+        job.status_message = text
+        job.updated_at = utcnow()
+        session.add(
+            JobTransition(build_id=job.id, seq=(last_seq or 0) + 1, stage=stage.value, message=text, at=at or job.updated_at)
+        )
+
+    # --- API: health and the event feed --------------------------------------------------------
+
+    # Two bound parameters per build: well under SQLite's and PostgreSQL's limits.
+    _FEED_BATCH = 250
+
+    async def ping(self) -> None:
+        """A round trip to the database; DATABASE_UNAVAILABLE when it cannot be reached."""
+        async with self._read() as session:
+            await session.execute(select(1))
+
+    async def transitions_after(self, cursors: dict[str, int]) -> dict[str, list[JobTransition]]:
+        """For each build id, its transitions with seq > the cursor, in seq order (one query for
+        all builds, so a poller serving many streams costs one round trip per tick)."""
+        found: dict[str, list[JobTransition]] = {build_id: [] for build_id in cursors}
+        items = list(cursors.items())
+        async with self._read() as session:
+            for start in range(0, len(items), self._FEED_BATCH):
+                batch = items[start : start + self._FEED_BATCH]
+                query = (
+                    select(JobTransition)
+                    .where(or_(*(and_(JobTransition.build_id == b, JobTransition.seq > c) for b, c in batch)))
+                    .order_by(JobTransition.build_id, JobTransition.seq)
+                )
+                for row in (await session.execute(query)).scalars():
+                    found[row.build_id].append(row)
+        return found
+
+
+def _check_transition(job: Job, target: Stage) -> None:
+    if not is_allowed(job.stage, target):
+        raise GenloopError(
+            ErrorKind.ILLEGAL_TRANSITION, f"build {job.id}: {job.stage.value} -> {target.value} is not allowed"
+        )

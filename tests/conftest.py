@@ -1,0 +1,60 @@
+"""Shared fixtures. Database fixtures are parametrized over both backends (ids "sqlite",
+"postgres") and session-scoped per backend: every test run gets fresh databases of its own.
+
+PostgreSQL: databases are created through the admin URL in GENLOOP_TEST_POSTGRES_ADMIN_URL
+(default postgresql+asyncpg://postgres@127.0.0.1:5432/postgres) and dropped at session end.
+An unreachable server makes the tests ERROR (never a silent skip) unless
+GENLOOP_TEST_SKIP_POSTGRES=1.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+
+import pytest
+
+from persistence.migrate import upgrade
+from persistence.repository import JobRepository
+from tests.helpers.databases import SKIP_POSTGRES_ENV, DatabaseFactory, PostgresDatabases, SqliteDatabases
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+async def db_factory(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[DatabaseFactory]:
+    """Creates empty databases of one backend (for tests that need one to themselves)."""
+    factory: DatabaseFactory
+    if request.param == "sqlite":
+        factory = SqliteDatabases(tmp_path_factory.mktemp("sqlite"))
+    else:
+        if os.environ.get(SKIP_POSTGRES_ENV) == "1":
+            pytest.skip(f"{SKIP_POSTGRES_ENV}=1")
+        factory = PostgresDatabases.from_env()
+        try:
+            await factory.check()
+        except RuntimeError as exc:
+            pytest.fail(str(exc), pytrace=False)
+    try:
+        yield factory
+    finally:
+        await factory.drop_all()
+
+
+@pytest.fixture(scope="session")
+async def db_url(db_factory: DatabaseFactory) -> str:
+    """An empty database, shared by the session's tests of this backend."""
+    return await db_factory.create()
+
+
+@pytest.fixture(scope="session")
+async def migrated_db_url(db_url: str) -> str:
+    await upgrade(db_url)
+    return db_url
+
+
+@pytest.fixture(scope="session")
+async def repo(migrated_db_url: str) -> AsyncIterator[JobRepository]:
+    repository = JobRepository.from_url(migrated_db_url)
+    try:
+        yield repository
+    finally:
+        await repository.aclose()
