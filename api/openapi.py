@@ -1,0 +1,236 @@
+"""The OpenAPI 3.1 document, built per server: bodies and responses come from the same pydantic
+models the routes validate and serialize with, so the document cannot drift from the code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from api.schemas import (
+    ID_PATTERN,
+    IDEMPOTENCY_KEY_PATTERN,
+    PAGE_SIZE_DEFAULT,
+    PAGE_SIZE_MAX,
+    RESPONSE_MODELS,
+    CancelBuild,
+)
+
+_JSON = "application/json"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json_response(description: str, schema: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    response: dict[str, Any] = {"description": description, "content": {_JSON: {"schema": _ref(schema)}}}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+def _error(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    return _json_response(description, "ErrorBody", headers)
+
+
+def _header(description: str, **schema: Any) -> dict[str, Any]:
+    return {"description": description, "schema": {"type": "string", **schema}}
+
+
+def _id_param(name: str, where: str = "path", description: str = "") -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": where,
+        "required": where == "path",
+        "description": description or f"The {name.replace('_', ' ')}.",
+        "schema": {"type": "string", "pattern": ID_PATTERN, "minLength": 1, "maxLength": 64},
+    }
+
+
+_UNAVAILABLE = _error(
+    "`service_unavailable`: the database or Temporal cannot be reached; retry later.",
+    {"Retry-After": _header("Seconds to wait before retrying.", pattern="^[0-9]+$")},
+)
+_INTERNAL = _error("`internal_error`: an unexpected failure; the body carries no internal detail.")
+_NOT_FOUND = _error("`not_found`: no build with this id.")
+_BAD_ID = _error("`invalid_parameter`: a path parameter, query parameter or header is malformed.")
+
+
+def _body_errors(max_body_bytes: int) -> dict[str, Any]:
+    return {
+        "413": _error(f"`payload_too_large`: the body is larger than {max_body_bytes} bytes."),
+        "415": _error("`unsupported_media_type`: the body is not `application/json` (UTF-8)."),
+        "422": _error("`validation_failed`: the JSON does not match the body schema (unknown fields included)."),
+    }
+
+
+def openapi_document(*, trigger_model: type[BaseModel], auth: bool, max_body_bytes: int) -> dict[str, Any]:
+    models: list[tuple[type[BaseModel], Any]] = [(trigger_model, "validation"), (CancelBuild, "validation")]
+    models += [(m, "serialization") for m in RESPONSE_MODELS]
+    _, defs = models_json_schema(models, by_alias=True, ref_template="#/components/schemas/{model}")
+
+    common: dict[str, Any] = {"500": _INTERNAL}
+    if auth:
+        common["401"] = _error(
+            "`unauthorized`: missing or wrong bearer token.",
+            {"WWW-Authenticate": _header("The authentication scheme.", enum=["Bearer"])},
+        )
+    open_access = {"security": []} if auth else {}
+    body_errors = _body_errors(max_body_bytes)
+
+    paths: dict[str, Any] = {
+        "/v1/projects/{project_id}/builds": {
+            "parameters": [_id_param("project_id")],
+            "post": {
+                "operationId": "triggerBuild",
+                "summary": "Start a build of `goal`; the build runs durably in Temporal.",
+                "parameters": [
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": False,
+                        "description": "Retries with the same key return the same build; reusing a key "
+                        "with a different body is a 409.",
+                        "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN, "minLength": 1, "maxLength": 255},
+                    }
+                ],
+                "requestBody": {"required": True, "content": {_JSON: {"schema": _ref(trigger_model.__name__)}}},
+                "responses": {
+                    "202": _json_response(
+                        "The build is queued (or, for a repeated Idempotency-Key, the existing build).",
+                        "BuildRef",
+                        {"Location": _header("The build's URL path.")},
+                    ),
+                    "400": _error("`malformed_json` or `invalid_parameter`."),
+                    "409": _error("`conflict`: the Idempotency-Key was used with a different body."),
+                    **body_errors,
+                    "503": _UNAVAILABLE,
+                    **common,
+                },
+            },
+            "get": {
+                "operationId": "listBuilds",
+                "summary": "The project's builds, newest first.",
+                "parameters": [
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": PAGE_SIZE_MAX, "default": PAGE_SIZE_DEFAULT},
+                    },
+                    _id_param("cursor", "query", "The `next_cursor` of the previous page."),
+                ],
+                "responses": {
+                    "200": _json_response("A page of builds.", "BuildPage"),
+                    "400": _error("`invalid_parameter`: a malformed limit or cursor, or an unknown query parameter."),
+                    "404": _error("`not_found`: the cursor names no build of this project."),
+                    "503": _UNAVAILABLE,
+                    **common,
+                },
+            },
+        },
+        "/v1/builds/{build_id}": {
+            "parameters": [_id_param("build_id")],
+            "get": {
+                "operationId": "getBuild",
+                "summary": "The build's stage, history and outcome.",
+                "responses": {
+                    "200": _json_response("The build.", "BuildDetail"),
+                    "400": _BAD_ID,
+                    "404": _NOT_FOUND,
+                    "503": _UNAVAILABLE,
+                    **common,
+                },
+            },
+        },
+        "/v1/builds/{build_id}/events": {
+            "parameters": [_id_param("build_id")],
+            "get": {
+                "operationId": "buildEvents",
+                "summary": "Server-Sent Events: the build's progress until it ends.",
+                "description": (
+                    "Events: `build.stage.started` (data: StageEvent), `build.ready` (ReadyEvent), "
+                    "`build.failed` (FailedEvent), `build.cancelled` (StageEvent). Each event's `id` is "
+                    "the transition's sequence number, so `Last-Event-ID` resumes after it. A "
+                    "`: heartbeat` comment is sent every 15 s without events. The stream closes after "
+                    "the terminal event; for a build that has already ended, that one event is all "
+                    "it sends."
+                ),
+                "parameters": [
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string", "pattern": "^[0-9]{1,9}$"},
+                    }
+                ],
+                "responses": {
+                    "200": {"description": "The event stream.", "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                    "204": {"description": "The build has ended and the client has its last event: do not reconnect."},
+                    "400": _BAD_ID,
+                    "404": _NOT_FOUND,
+                    "503": _UNAVAILABLE,
+                    **common,
+                },
+            },
+        },
+        "/v1/builds/{build_id}/cancel": {
+            "parameters": [_id_param("build_id")],
+            "post": {
+                "operationId": "cancelBuild",
+                "summary": "Ask a running build to stop; it ends `cancelled` and its sandbox is removed.",
+                "requestBody": {"required": False, "content": {_JSON: {"schema": _ref("CancelBuild")}}},
+                "responses": {
+                    "202": _json_response("Cancellation requested; follow the events for the outcome.", "BuildRef"),
+                    "400": _error("`malformed_json` or `invalid_parameter`."),
+                    "404": _NOT_FOUND,
+                    "409": _error("`conflict`: the build has already finished."),
+                    **body_errors,
+                    "503": _UNAVAILABLE,
+                    **common,
+                },
+            },
+        },
+        "/healthz": {
+            "get": {
+                "operationId": "health",
+                "summary": "Database and Temporal reachability.",
+                **open_access,
+                "responses": {
+                    "200": _json_response("Everything is reachable.", "Health"),
+                    "503": _json_response("At least one component is unavailable.", "Health"),
+                    "500": _INTERNAL,
+                },
+            },
+        },
+        "/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "summary": "This document.",
+                **open_access,
+                "responses": {
+                    "200": {"description": "The OpenAPI document.", "content": {_JSON: {"schema": {"type": "object"}}}},
+                    "500": _INTERNAL,
+                },
+            },
+        },
+    }
+
+    document: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "genloop",
+            "version": "1.0.0",
+            "description": "Turn a goal into a running app preview. Every error is "
+            '`{"error": {"code", "message"}}`; unknown routes answer 404 and wrong methods 405 '
+            "in that shape.",
+        },
+        "paths": paths,
+        "components": {"schemas": defs["$defs"]},
+    }
+    if auth:
+        document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        document["security"] = [{"bearer": []}]
+    return document
