@@ -9,9 +9,12 @@ from __future__ import annotations
 import html
 import json
 import textwrap
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from genloop.errors import ErrorKind, GenloopError
+
+if TYPE_CHECKING:
+    from genloop.settings import Settings
 
 RunnerState = dict[str, Any]
 
@@ -84,13 +87,11 @@ class TemplateRunner:
         return {**state, "working_files": {p: working_file(p, c) for p, c in files.items()}}
 
 
-def build_runner(kind: str, *, llm_api_key: str = "") -> Runner:
+def build_runner(kind: str, settings: "Settings") -> Runner:
     if kind == "template":
         return TemplateRunner()
     if kind == "llm":
-        if not llm_api_key:
-            raise GenloopError(ErrorKind.INVALID_INPUT, "runner 'llm' needs runner.llm_api_key (GENLOOP_LLM_API_KEY)")
         from activities.llm_runner import LLMRunner
 
-        return LLMRunner(api_key=llm_api_key)
+        return LLMRunner.from_settings(settings)
     raise GenloopError(ErrorKind.INVALID_INPUT, f"unknown runner {kind!r}")

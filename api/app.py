@@ -50,22 +50,11 @@ class BearerAuth:
         return hmac.compare_digest(scheme.lower() + b" " + token, self._expected)
 
 
-def offered_runners(settings: Settings) -> tuple[str, ...]:
-    """The runners this deployment's workers have (see genloop.temporal.production_activities),
-    the configured default first."""
-    runners = ["template"]
-    if settings.runner.llm_api_key.get_secret_value():
-        runners.append("llm")
-    if settings.runner.kind in runners:
-        runners.sort(key=lambda r: r != settings.runner.kind)
-    return tuple(runners)
-
-
 def create_app(settings: Settings | None = None, *, client: Client | None = None, repo: JobRepository | None = None) -> Starlette:
     """`client` and `repo`, when given, are the caller's to close; otherwise the app opens them at
     startup and closes what it opened at shutdown."""
     settings = settings or load_settings()
-    trigger_model = trigger_body_model(offered_runners(settings))
+    trigger_model = trigger_body_model(settings.available_runners)
     document = openapi_document(
         trigger_model=trigger_model, auth=settings.api_requires_token, max_body_bytes=settings.api.max_body_bytes
     )

@@ -9,7 +9,6 @@ import json
 import logging
 import uuid
 from datetime import timedelta
-from urllib.parse import quote
 
 from starlette.endpoints import HTTPEndpoint
 from starlette.requests import Request
@@ -250,13 +249,7 @@ def _already_finished(job: Job) -> ApiError:
 
 def _links(svc: Services, job: Job) -> Links:
     base = f"/v1/builds/{job.id}"
-    web_ui = None
-    if job.run_id:
-        t = svc.settings.temporal
-        web_ui = (
-            f"{t.ui_url}/namespaces/{quote(t.namespace, safe='')}/workflows/"
-            f"{quote(job.workflow_id or job.id, safe='')}/{quote(job.run_id, safe='')}/history"
-        )
+    web_ui = svc.settings.temporal.workflow_url(job.workflow_id or job.id, job.run_id) if job.run_id else None
     return Links(self_=base, events=f"{base}/events", cancel=f"{base}/cancel", web_ui=web_ui)
 
 

@@ -106,7 +106,7 @@ async def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     try:
         await stack.start()
         await stack.wait_api_healthy()
-        print(f"genloop is up.\n  API:    {stack.api_url}\n  Web UI: {settings.temporal.ui_url}", flush=True)
+        print(f"genloop is up.\n  API:    {stack.api_url}\n  Web UI: {settings.temporal.web_ui_url}", flush=True)
         if args.build:
             code = await run_build(settings, args.build, args.project, wait=True)
         if not args.exit_after_build:
@@ -161,7 +161,7 @@ async def cmd_debug(settings: Settings, args: argparse.Namespace) -> int:
     print(f"sandbox:      {job.sandbox_id or '-'}")
     print("transitions:  " + " -> ".join(f"{t.stage}@{t.at:%H:%M:%S}" for t in transitions))
     print(f"workflow:     {job.workflow_id} run {job.run_id}")
-    print(f"Web UI:       {settings.temporal.ui_url}/namespaces/{ns}/workflows/{job.workflow_id}/{job.run_id}/history")
+    print(f"Web UI:       {settings.temporal.workflow_url(job.workflow_id, job.run_id)}")
     print(f"history:      temporal workflow show -w {job.workflow_id} -r {job.run_id} "
           f"--address {settings.temporal.target} --namespace {ns}")
     return 0

@@ -40,14 +40,22 @@ class TemporalSettings(_Section):
         default_factory=lambda: {"BuildStage": "keyword", "ProjectId": "keyword", "BuildVersion": "keyword"}
     )
     task_queue: str = "genloop-builds"
+    ui_url: str = ""  # the Web UI of a remote cluster / Temporal Cloud; empty: the local dev server's
 
     @property
     def target(self) -> str:
         return self.address or f"{self.ip}:{self.port}"
 
     @property
-    def ui_url(self) -> str:
-        return f"http://{self.ip}:{self.ui_port}"
+    def web_ui_url(self) -> str:
+        return (self.ui_url or f"http://{self.ip}:{self.ui_port}").rstrip("/")
+
+    def workflow_url(self, workflow_id: str, run_id: str | None = None) -> str:
+        """The Web UI page of one workflow run (the latest run without run_id)."""
+        from urllib.parse import quote
+
+        path = f"{self.web_ui_url}/namespaces/{quote(self.namespace, safe='')}/workflows/{quote(workflow_id, safe='')}"
+        return f"{path}/{quote(run_id, safe='')}/history" if run_id else path
 
 
 class WorkerSettings(_Section):
@@ -81,6 +89,7 @@ class SandboxHostSettings(_Section):
     memory_limit_mb: int = Field(1024, ge=16)
     max_processes: int = Field(256, ge=8)
     max_file_size_mb: int = Field(512, ge=1)
+    disk_limit_mb: int = Field(1024, ge=16)
     max_upload_mb: int = Field(100, ge=1)
     unsafe_no_isolation: bool = False
 
@@ -95,6 +104,9 @@ class ApiSettings(_Section):
 class RunnerSettings(_Section):
     kind: Literal["template", "llm"] = "template"
     llm_api_key: SecretStr = SecretStr("")
+    llm_base_url: str = "https://api.anthropic.com"
+    llm_model: str = "claude-sonnet-4-5"
+    llm_timeout_s: float = Field(300, gt=0)
 
 
 class Settings(_Section):
@@ -135,6 +147,15 @@ class Settings(_Section):
     def sandbox_api_key(self) -> str:
         key = self.sandbox.api_key.get_secret_value()
         return key or self.sandbox_host.api_key.get_secret_value() or "genloop-local"
+
+    @property
+    def available_runners(self) -> tuple[str, ...]:
+        """The runners this deployment offers, the configured default first."""
+        runners = ["template"]
+        if self.runner.llm_api_key.get_secret_value():
+            runners.append("llm")
+        runners.sort(key=lambda r: r != self.runner.kind)
+        return tuple(runners)
 
     @property
     def api_requires_token(self) -> bool:

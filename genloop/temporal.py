@@ -54,12 +54,10 @@ def build_worker(
 def production_activities(settings: Settings, repo: Any, extra_runners: Mapping[str, Any] | None = None):
     """BuildActivities wired from settings: the real repository, sandbox client and runners."""
     from activities.build import BuildActivities
-    from activities.runner import TemplateRunner, build_runner
+    from activities.runner import build_runner
     from activities.sandbox import SandboxClient, SandboxConfig
 
-    runners: dict[str, Any] = {"template": TemplateRunner()}
-    if settings.runner.llm_api_key.get_secret_value():
-        runners["llm"] = build_runner("llm", llm_api_key=settings.runner.llm_api_key.get_secret_value())
+    runners: dict[str, Any] = {name: build_runner(name, settings) for name in settings.available_runners}
     runners.update(extra_runners or {})
     return BuildActivities(
         repo,

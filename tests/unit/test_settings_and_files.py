@@ -95,3 +95,13 @@ def test_idempotency_key_is_valid_for_e2b(build_id):
     key = idempotency_key_for(build_id)
     assert resolve_idempotency_key(key) == key
     assert idempotency_key_for(build_id) == key and idempotency_key_for(build_id + "2") != key
+
+
+def test_available_runners_follow_the_llm_key():
+    assert load_settings(environ={}).available_runners == ("template",)
+    both = load_settings(environ={"GENLOOP_LLM_API_KEY": "k", "GENLOOP_RUNNER_KIND": "llm"})
+    assert both.available_runners == ("llm", "template")
+    from genloop.temporal import production_activities
+
+    acts = production_activities(both, repo=None)
+    assert set(acts.runners) == {"llm", "template"} and "k" not in repr(acts.runners)
