@@ -1,18 +1,42 @@
-"""`python -m bench <name>`: run one benchmark."""
+"""`python -m bench <name>|all`: run one benchmark, or all of them in sequence.
 
+Every scenario starts what it needs (its own dev server on a free port, sandbox host, SQLite
+database in a temp dir) and removes it afterwards. `BENCH_SCALE=0.25` shrinks the run counts for a
+quick look; the numbers in docs/benchmarks.md are from the default scale.
+"""
+
+import os
 import sys
+import time
 
 BENCHMARKS = {
+    "overhead": "bench.overhead_bench",
+    "preview": "bench.preview_bench",
+    "concurrency": "bench.concurrency_bench",
+    "modes": "bench.modes_bench",
+    "levers": "bench.levers_bench",
     "sandbox-host": "bench.sandbox_host_bench",
 }
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1 or argv[0] not in BENCHMARKS:
-        print(f"usage: python -m bench {{{','.join(BENCHMARKS)}}}", file=sys.stderr)
+    if len(argv) != 1 or (argv[0] not in BENCHMARKS and argv[0] != "all"):
+        print(f"usage: python -m bench {{{','.join(BENCHMARKS)}}}|all", file=sys.stderr)
         return 2
-    module = __import__(BENCHMARKS[argv[0]], fromlist=["main"])
-    return module.main()
+    names = list(BENCHMARKS) if argv[0] == "all" else [argv[0]]
+    status = 0
+    for name in names:
+        started = time.perf_counter()
+        print(f"\n=== bench {name} ===", flush=True)
+        module = __import__(BENCHMARKS[name], fromlist=["main"])
+        status = module.main() or status
+        print(f"=== bench {name}: {time.perf_counter() - started:.0f} s ===", flush=True)
+    return status
 
 
-sys.exit(main(sys.argv[1:]))
+code = main(sys.argv[1:])
+sys.stdout.flush()
+sys.stderr.flush()
+# The Temporal SDK's native threads can abort the interpreter during finalization; everything
+# this process started has been stopped and removed by now, so leave without it.
+os._exit(code)

@@ -1,0 +1,73 @@
+"""The real stack for the time-to-preview and concurrency benchmarks, all started here and torn down
+afterwards: a file-backed dev server (WAL pragmas), a sandbox host subprocess, a migrated SQLite
+database, and a worker in this process running the real BuildActivities (TemplateRunner, the e2b
+SDK's SandboxClient against the host)."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from temporalio.client import Client, WorkflowHandle
+
+from activities.build import BuildActivities
+from activities.runner import TemplateRunner
+from activities.sandbox import SandboxClient, SandboxConfig, close_sdk_transports
+from bench import common
+from sandbox_host.testing import RunningHost, running_host
+from workflows.build import BuildWorkflow
+from workflows.types import WORKFLOW_NAME, BuildRequest, BuildResult
+
+STAGES = ("starting", "scaffold", "code", "deps", "checks", "ready")
+
+
+@dataclass
+class RealStack:
+    client: Client
+    host: RunningHost
+    repo: Any
+    sandboxes: SandboxClient
+    task_queue: str
+    dev_server_pid: int | None
+
+    async def start(self, goal: str = "a todo list for cats") -> tuple[str, WorkflowHandle]:
+        build_id = f"b-{uuid.uuid4().hex[:12]}"
+        req = BuildRequest(build_id=build_id, project_id=f"p-{uuid.uuid4().hex[:6]}", goal=goal)
+        handle = await self.client.start_workflow(
+            WORKFLOW_NAME, req, id=build_id, task_queue=self.task_queue, result_type=BuildResult
+        )
+        return build_id, handle
+
+    async def stage_times(self, build_id: str) -> dict[str, datetime]:
+        """When each stage was entered, from the persisted transitions (workflow.now() of the
+        workflow task that entered it)."""
+        out: dict[str, datetime] = {}
+        for t in await self.repo.list_transitions(build_id):
+            at = t.at if t.at.tzinfo else t.at.replace(tzinfo=timezone.utc)
+            out.setdefault(t.stage.value if hasattr(t.stage, "value") else str(t.stage), at)
+        return out
+
+
+@contextlib.asynccontextmanager
+async def real_stack(prefix: str, *, max_sandboxes: int = 50, activities_cls: type = BuildActivities,
+                     dev_server_args: tuple[str, ...] = (), **worker_overrides: Any) -> AsyncIterator[RealStack]:
+    async with common.temp_dir(prefix) as tmp:
+        async with common.dev_server(common.PRODUCTION_MODE, tmp, extra=dev_server_args) as env, \
+                running_host(tmp, max_sandboxes=max_sandboxes, default_timeout_s=600) as host, \
+                common.sqlite_repo(tmp) as repo:
+            config = SandboxConfig(api_key=host.api_key, api_url=host.url, template="base", timeout_s=600)
+            sandboxes = SandboxClient(config)
+            acts = activities_cls(repo, sandboxes, {"template": TemplateRunner()})
+            worker, task_queue = common.worker(env.client, [BuildWorkflow], acts.all(), **worker_overrides)
+            try:
+                async with worker:
+                    yield RealStack(env.client, host, repo, sandboxes, task_queue, common.dev_server_pid())
+            finally:
+                with contextlib.suppress(Exception):
+                    for sandbox in await sandboxes.list():
+                        await sandboxes.kill(sandbox.sandbox_id)
+                await close_sdk_transports()
