@@ -41,8 +41,10 @@ T = TypeVar("T")
 HEARTBEAT_EVERY_S = 2.0
 INSTALL_TIMEOUT_S = 900
 HEALTH_DEADLINE_S = 60.0
+HEALTH_POLL_S = 0.025  # loopback probes are cheap; this bounds time-to-preview
 STDERR_TAIL_CHARS = 2000
 APP_PIDFILE = ".genloop-app.pid"
+INSTALL_PIDFILE = ".genloop-install.pid"
 
 # Output fragments that mean "the network failed", not "the dependency is wrong": retry those.
 _NETWORK_MARKERS = (
@@ -194,10 +196,11 @@ class BuildActivities:
             raise GenloopError(ErrorKind.RUNNER_FAILED, f"{type(exc).__name__}: {exc}") from exc
         files = validate_working_files(final_state.get("working_files"))
         # Claim check: contents go to the blob store; the history carries the manifest only.
-        manifest: list[FileManifestEntry] = []
-        for f in files:
-            digest = await self.repo.put_blob(f.content)
-            manifest.append(FileManifestEntry(path=f.path, digest=digest, size=len(f.content), change_type=f.change_type))
+        digests = await self.repo.put_blobs([f.content for f in files])
+        manifest = [
+            FileManifestEntry(path=f.path, digest=d, size=len(f.content), change_type=f.change_type)
+            for f, d in zip(files, digests)
+        ]
         manifest_digest = hashlib.sha256(
             json.dumps([[m.path, m.digest] for m in manifest]).encode()
         ).hexdigest()
@@ -230,9 +233,17 @@ class BuildActivities:
         else:
             return "none"
         sandbox = await self.sandboxes.connect(_require(inp.sandbox_id))
+        # Commands outlive their client: when an attempt dies (worker crash, broken stream) its
+        # install keeps running in the sandbox. A retry ends that process group first (the agent runs
+        # each command in a session of its own, so $$ is its group id): two installers racing on one
+        # environment would corrupt it.
+        guarded = (
+            f"[ -f {INSTALL_PIDFILE} ] && kill -9 -- -$(cat {INSTALL_PIDFILE}) 2>/dev/null; "
+            f"echo $$ > {INSTALL_PIDFILE}; {cmd}; rc=$?; rm -f {INSTALL_PIDFILE}; exit $rc"
+        )
         try:
             await _heartbeating(
-                sandbox.commands.run(cmd, cwd=inp.workspace_path, timeout=INSTALL_TIMEOUT_S), f"installing ({what})"
+                sandbox.commands.run(guarded, cwd=inp.workspace_path, timeout=INSTALL_TIMEOUT_S), f"installing ({what})"
             )
         except CommandExitException as exc:
             output = f"{exc.stderr or ''}\n{exc.stdout or ''}"
@@ -276,7 +287,7 @@ class BuildActivities:
                         await handle.disconnect()
                         return ChecksResult(preview_url=preview_url, port=self.app_port)
                     activity.heartbeat("waiting for /health")
-                    await asyncio.sleep(0.2)
+                    await asyncio.sleep(HEALTH_POLL_S)
             finally:
                 if not exited.done():
                     exited.cancel()

@@ -39,6 +39,7 @@ class TemporalSettings(_Section):
     search_attributes: dict[str, Literal["keyword", "text", "int", "double", "bool", "datetime"]] = Field(
         default_factory=lambda: {"BuildStage": "keyword", "ProjectId": "keyword", "BuildVersion": "keyword"}
     )
+    dynamic_config: dict[str, int | float | bool | str] = Field(default_factory=dict)
     task_queue: str = "genloop-builds"
     ui_url: str = ""  # the Web UI of a remote cluster / Temporal Cloud; empty: the local dev server's
 
@@ -49,6 +50,18 @@ class TemporalSettings(_Section):
     @property
     def web_ui_url(self) -> str:
         return (self.ui_url or f"http://{self.ip}:{self.ui_port}").rstrip("/")
+
+    def dev_server_args(self, *, file_backed: bool = True) -> list[str]:
+        """Flags for `temporal server start-dev` that every local server (stack, tests, bench) shares.
+        The SQLite pragmas only apply to a file-backed server."""
+        import json
+
+        args: list[str] = []
+        for key, value in self.sqlite_pragmas.items() if file_backed else ():
+            args += ["--sqlite-pragma", f"{key}={value}"]
+        for key, value in self.dynamic_config.items():
+            args += ["--dynamic-config-value", f"{key}={json.dumps(value)}"]
+        return args
 
     def workflow_url(self, workflow_id: str, run_id: str | None = None) -> str:
         """The Web UI page of one workflow run (the latest run without run_id)."""

@@ -57,8 +57,7 @@ def dev_server_command(settings: Settings) -> list[str]:
     ]
     if t.namespace != "default":
         cmd += ["--namespace", t.namespace]
-    for key, value in t.sqlite_pragmas.items():
-        cmd += ["--sqlite-pragma", f"{key}={value}"]
+    cmd += t.dev_server_args()
     for name, kind in t.search_attributes.items():
         cmd += ["--search-attribute", f"{name}={kind.capitalize()}"]
     return cmd

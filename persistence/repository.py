@@ -9,7 +9,7 @@ never interleaves with another writer. Connection trouble surfaces as
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -199,14 +199,21 @@ class JobRepository:
     # --- blobs ----------------------------------------------------------------------------------
 
     async def put_blob(self, content: bytes) -> str:
-        digest = hashlib.sha256(content).hexdigest()
-        async with self._write() as session:
-            await session.execute(
-                self._insert(Blob)
-                .values(digest=digest, size=len(content), content=content, created_at=utcnow())
-                .on_conflict_do_nothing(index_elements=["digest"])
-            )
-        return digest
+        return (await self.put_blobs([content]))[0]
+
+    async def put_blobs(self, contents: Sequence[bytes]) -> list[str]:
+        """Store contents by sha256 in one transaction (idempotent); returns the digests in order."""
+        digests = [hashlib.sha256(c).hexdigest() for c in contents]
+        rows = {d: c for d, c in zip(digests, contents)}
+        if rows:
+            now = utcnow()
+            async with self._write() as session:
+                await session.execute(
+                    self._insert(Blob)
+                    .values([dict(digest=d, size=len(c), content=c, created_at=now) for d, c in rows.items()])
+                    .on_conflict_do_nothing(index_elements=["digest"])
+                )
+        return digests
 
     async def get_blob(self, digest: str) -> bytes:
         return (await self.get_blobs([digest]))[digest]

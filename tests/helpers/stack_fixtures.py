@@ -12,10 +12,13 @@ async def temporal_env():
     from temporalio.testing import WorkflowEnvironment
 
     from genloop.devserver import temporal_binary
+    from genloop.settings import load_settings
     from workflows.build import SEARCH_ATTRIBUTES
 
     env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=temporal_binary(), search_attributes=SEARCH_ATTRIBUTES
+        dev_server_existing_path=temporal_binary(),
+        search_attributes=SEARCH_ATTRIBUTES,
+        dev_server_extra_args=load_settings().temporal.dev_server_args(file_backed=False),
     )
     try:
         yield env
