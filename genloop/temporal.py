@@ -69,6 +69,7 @@ def production_activities(settings: Settings, repo: Any, extra_runners: Mapping[
 
 async def run_worker(settings: Settings) -> None:
     """`genloop worker`: run until SIGTERM/SIGINT, then finish in-flight tasks and exit."""
+    from activities.sandbox import close_sdk_transports
     from persistence.repository import JobRepository
 
     repo = JobRepository.from_url(settings.database_url)
@@ -88,6 +89,7 @@ async def run_worker(settings: Settings) -> None:
     finally:
         sweeper.cancel()
         await repo.aclose()
+        await close_sdk_transports()
 
 
 async def _sweep_periodically(settings: Settings, activities: Any, client: Client) -> None:
