@@ -100,6 +100,8 @@ async def test_up_build_status_list_and_clean_stop(stack_env):
         assert build_id in listed.stdout and "build_v0_1" in listed.stdout
         missing = _genloop(stack_env, "status", "no-such-build")
         assert missing.returncode == 1 and "404" in missing.stderr
+        too_late = _genloop(stack_env, "cancel", build_id)
+        assert too_late.returncode == 1 and "409" in too_late.stderr  # a ready build can't be cancelled
     finally:
         survivors = up.stop()
     _no_stack_process_survives(survivors)
