@@ -139,16 +139,31 @@ class BuildActivities:
             await self.repo.create_job(
                 inp.build_id, inp.project_id, inp.goal, workflow_id=inp.workflow_id, run_id=inp.run_id
             )
-        await self.repo.transition(
-            inp.build_id,
-            Stage(inp.stage),
-            message=inp.message,
-            at=_parse_at(inp.at),
-            error_message=inp.error_message,
-            error_detail=inp.error_detail,
-            debug_id=inp.debug_id,
-            run_id=inp.run_id or None,
-        )
+        try:
+            await self.repo.transition(
+                inp.build_id,
+                Stage(inp.stage),
+                message=inp.message,
+                at=_parse_at(inp.at),
+                error_message=inp.error_message,
+                error_detail=inp.error_detail,
+                debug_id=inp.debug_id,
+                run_id=inp.run_id or None,
+            )
+        except GenloopError as err:
+            if err.kind is ErrorKind.ILLEGAL_TRANSITION and await self._already_recorded(inp):
+                return
+            raise
+
+    async def _already_recorded(self, inp: TransitionInput) -> bool:
+        """A local activity's result travels with the workflow task completion: a worker that dies
+        after this write committed but before that completion reached Temporal leaves the write
+        done and unrecorded, and the replaying worker executes it (and the ones after it) again,
+        against a row that has moved on. This run already recorded the stage: nothing to do."""
+        job = await self.repo.get(inp.build_id)
+        if job is None or not inp.run_id or job.run_id != inp.run_id:
+            return False
+        return inp.stage in {t.stage for t in await self.repo.list_transitions(inp.build_id)}
 
     @activity.defn(name="finish_build")
     @_failures_as_application_errors

@@ -67,14 +67,15 @@ def production_activities(settings: Settings, repo: Any, extra_runners: Mapping[
     )
 
 
-async def run_worker(settings: Settings) -> None:
-    """`genloop worker`: run until SIGTERM/SIGINT, then finish in-flight tasks and exit."""
+async def run_worker(settings: Settings, extra_runners: Mapping[str, Any] | None = None) -> None:
+    """`genloop worker`: run until SIGTERM/SIGINT, then finish in-flight tasks and exit.
+    `extra_runners` lets the fault-injection suite register its runner doubles."""
     from activities.sandbox import close_sdk_transports
     from persistence.repository import JobRepository
 
     repo = JobRepository.from_url(settings.database_url)
     client = await connect(settings)
-    activities = production_activities(settings, repo)
+    activities = production_activities(settings, repo, extra_runners)
     worker = build_worker(client, settings, activities.all())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -42,6 +42,7 @@ class HostConfig:
                 memory_mb=section.memory_limit_mb,
                 max_processes=section.max_processes,
                 max_file_size_mb=section.max_file_size_mb,
+                disk_mb=section.disk_limit_mb,
             ),
             max_upload_bytes=section.max_upload_mb * 1024 * 1024,
             isolated=not section.unsafe_no_isolation,

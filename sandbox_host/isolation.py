@@ -5,10 +5,13 @@ sandbox process that somehow left its namespaces would still be nobody), inside 
 new user, mount, pid, net, ipc and uts namespaces. What it sees:
 
     /usr, /etc, /bin, /lib*, /sbin   read-only from the host (plus a passwd entry for `user`)
-    /home/user                       its own writable home (a directory under state_dir)
-    /tmp                             its own writable /tmp (a directory under state_dir)
+    /home/user                       its own writable home: a tmpfs of at most disk_mb
+    /tmp                             its own writable /tmp: a tmpfs of at most disk_mb
     /run/e2b                         its run directory: the agent's socket and preview sockets
-    /proc, /dev, /dev/shm, /run      private
+    /proc, /dev, /dev/shm, /run      private (/dev/shm, /run, /var: small size-capped tmpfs)
+
+The size caps are the sandbox's disk quota: a sandbox that fills its disk gets ENOSPC and the host's
+disk is never touched (tmpfs pages are memory, so the caps also bound what a sandbox can pin there).
 
 The host's home, the repository and state_dir itself are not mounted, and the network namespace
 has loopback only: no egress, and its ports never collide with the host's or another sandbox's.
@@ -45,6 +48,9 @@ UID_BLOCK_BASE = 1_000_000
 UID_BLOCK_SIZE = 65_536
 UID_BLOCKS = 4_096
 
+# Size of the small system tmpfs mounts (/dev/shm, /run, /var); Docker's /dev/shm default.
+SYSTEM_TMPFS_BYTES = 64 * 1024 * 1024
+
 READ_ONLY_SYSTEM = ("/usr", "/etc")
 SYMLINK_OR_DIR = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 
@@ -58,6 +64,11 @@ class Limits:
     memory_mb: int
     max_processes: int
     max_file_size_mb: int
+    disk_mb: int = 1024  # size of each of the sandbox's writable filesystems (/home/user, /tmp)
+
+    @property
+    def disk_bytes(self) -> int:
+        return self.disk_mb * 1024 * 1024
 
     def prlimit_args(self) -> list[str]:
         # RLIMIT_DATA (heap + private writable mappings) rather than RLIMIT_AS: V8 and Go reserve
@@ -136,7 +147,10 @@ def bwrap_args(
     info_fd: int,
     python: str,
     agent_args: list[str],
+    disk_limit_bytes: int | None = None,
 ) -> list[str]:
+    """With `disk_limit_bytes`, /home/user and /tmp are tmpfs of that size (the sandbox's disk quota;
+    home_dir and tmp_dir are not used); without it they are bind mounts of home_dir and tmp_dir."""
     args = [bwrap, "--unshare-all", "--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID)]
     args += ["--hostname", "sandbox", "--new-session", "--info-fd", str(info_fd)]
     for path in READ_ONLY_SYSTEM:
@@ -148,19 +162,19 @@ def bwrap_args(
         elif os.path.isdir(path):
             args += ["--ro-bind", path, path]
     args += ["--ro-bind-data", str(passwd_fd), "/etc/passwd", "--ro-bind-data", str(group_fd), "/etc/group"]
-    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/dev/shm", "--tmpfs", "/run", "--tmpfs", "/var"]
+    args += ["--proc", "/proc", "--dev", "/dev"]
+    for path in ("/dev/shm", "/run", "/var"):
+        if disk_limit_bytes is not None:
+            args += ["--size", str(SYSTEM_TMPFS_BYTES)]
+        args += ["--tmpfs", path]
     args += ["--dir", "/var/tmp", "--dir", "/home"]
-    args += [
-        "--bind",
-        str(home_dir),
-        SANDBOX_HOME,
-        "--bind",
-        str(tmp_dir),
-        "/tmp",
-        "--bind",
-        str(run_dir),
-        RUN_DIR_INSIDE,
-    ]
+    if disk_limit_bytes is not None:
+        args += ["--perms", "0700", "--size", str(disk_limit_bytes), "--tmpfs", SANDBOX_HOME]
+        args += ["--dir", f"{SANDBOX_HOME}/project"]
+        args += ["--perms", "1777", "--size", str(disk_limit_bytes), "--tmpfs", "/tmp"]
+    else:
+        args += ["--bind", str(home_dir), SANDBOX_HOME, "--bind", str(tmp_dir), "/tmp"]
+    args += ["--bind", str(run_dir), RUN_DIR_INSIDE]
     args += ["--ro-bind-data", str(agent_fd), AGENT_INSIDE]
     if egress_dir is not None:
         args += ["--ro-bind", str(egress_dir), EGRESS_DIR_INSIDE]
@@ -187,7 +201,7 @@ def check_traversable(path: Path) -> None:
             )
 
 
-def check_bubblewrap(state_dir: Path) -> None:
+def check_bubblewrap(state_dir: Path, disk_limit_bytes: int | None = SYSTEM_TMPFS_BYTES) -> None:
     """Start a throwaway sandbox exactly the way real ones start; raise if that cannot work."""
     bwrap = find_tool("bwrap")
     find_tool("prlimit")
@@ -217,12 +231,14 @@ def check_bubblewrap(state_dir: Path) -> None:
             info_fd=info_w,
             python=python,
             agent_args=[],
+            disk_limit_bytes=disk_limit_bytes,
         )
         # Replace the agent with a probe of what a sandbox depends on.
         cmd = cmd[: cmd.index("--") + 1] + [
             python,
             "-c",
-            "import os; open('/home/user/ok','w').write('1'); assert os.getuid() == 1000",
+            "import os; open('/home/user/ok','w').write('1'); open('/tmp/ok','w').write('1');"
+            " assert os.getuid() == 1000 and os.path.isdir('/home/user/project')",
         ]
         result = subprocess.run(
             cmd,
@@ -233,7 +249,7 @@ def check_bubblewrap(state_dir: Path) -> None:
             capture_output=True,
             timeout=30,
         )
-        ok = result.returncode == 0 and (root / "home" / "ok").exists()
+        ok = result.returncode == 0 and (disk_limit_bytes is not None or (root / "home" / "ok").exists())
     except (OSError, subprocess.SubprocessError) as exc:
         raise IsolationUnavailable(f"bubblewrap failed to start: {exc}") from None
     finally:

@@ -374,6 +374,7 @@ class SandboxManager:
                     info_fd=info_w,
                     python=isolation.system_python(),
                     agent_args=agent_args,
+                    disk_limit_bytes=self.config.limits.disk_bytes,
                 )
                 pass_fds = tuple(fds)
             else:

@@ -65,7 +65,7 @@ async def serve(config: HostConfig, log_level: str) -> int:
     os.chmod(config.state_dir, 0o711)
     if config.isolated:
         try:
-            await asyncio.to_thread(check_bubblewrap, config.state_dir)
+            await asyncio.to_thread(check_bubblewrap, config.state_dir, config.limits.disk_bytes)
         except IsolationUnavailable as exc:
             log.error(
                 "refusing to start: %s. Fix that, or pass --unsafe-no-isolation to run sandboxes unisolated.", exc

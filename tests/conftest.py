@@ -18,6 +18,9 @@ from persistence.migrate import upgrade
 from persistence.repository import JobRepository
 from tests.helpers.databases import SKIP_POSTGRES_ENV, DatabaseFactory, PostgresDatabases, SqliteDatabases
 
+# One Temporal dev server and one sandbox host for the whole run, shared by every suite.
+pytest_plugins = ["tests.helpers.stack_fixtures"]
+
 
 @pytest.fixture(scope="session", params=["sqlite", "postgres"])
 async def db_factory(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[DatabaseFactory]:

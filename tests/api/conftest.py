@@ -27,7 +27,6 @@ from genloop.temporal import build_worker
 from persistence.repository import JobRepository
 from sandbox_host.testing import free_port
 from tests.helpers import doubles
-from tests.helpers.stack_fixtures import sandbox_host, temporal_client, temporal_env  # noqa: F401  (fixtures)
 from tests.workflows.conftest import sandbox_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -144,3 +144,116 @@ class CreateLostResponseSandboxClient(SandboxClient):
         if self.create_calls == 1:
             raise e2b.TimeoutException("injected: response lost after the sandbox was created")
         return sandbox
+
+
+# --- doubles for the fault-injection suite (tests/reliability) --------------------------------------
+# These hold a build in one stage until the fault lands. Each is slow (or gated) on its FIRST attempt
+# only, so the attempt retried after the fault goes straight through.
+
+
+def _activity_attempt() -> int:
+    from temporalio import activity
+
+    try:
+        return activity.info().attempt
+    except RuntimeError:  # not inside an activity
+        return 1
+
+
+class GatedRunnerDouble:
+    """CODE waits until the file `gate_dir/<build id>` exists (the test opens the gate) on its first
+    attempt; a retried attempt (after a worker crash, a DB outage...) does not wait."""
+
+    def __init__(self, gate_dir: str) -> None:
+        self.gate_dir = gate_dir
+
+    async def run(self, state):
+        from pathlib import Path
+
+        gate = Path(self.gate_dir) / str(state["session_id"])
+        while _activity_attempt() == 1 and not gate.exists():
+            await asyncio.sleep(0.1)
+        return await TemplateRunner().run(state)
+
+
+# A PEP 517 in-tree build backend: building the wheel sleeps on the first build in this sandbox, so
+# `pip install -r requirements.txt` holds the build in DEPS (fully offline: no build requirements).
+_SLOW_BACKEND = '''\
+import base64, hashlib, os, time, zipfile
+
+NAME, VERSION = "genloop_slow_dep", "1.0"
+MARKER = "/tmp/.genloop-slow-dep-built-once"
+
+
+def get_requires_for_build_wheel(config_settings=None):
+    return []
+
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    if not os.path.exists(MARKER):
+        open(MARKER, "w").close()
+        time.sleep({seconds})
+    dist = f"{{NAME}}-{{VERSION}}.dist-info"
+    files = {{
+        f"{{NAME}}/__init__.py": b"GREETING = 'slow dependency installed'\\n",
+        f"{{dist}}/METADATA": f"Metadata-Version: 2.1\\nName: {{NAME}}\\nVersion: {{VERSION}}\\n".encode(),
+        f"{{dist}}/WHEEL": b"Wheel-Version: 1.0\\nGenerator: genloop-tests\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n",
+    }}
+    record = []
+    for path, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{{path}},sha256={{digest}},{{len(data)}}")
+    record.append(f"{{dist}}/RECORD,,")
+    files[f"{{dist}}/RECORD"] = ("\\n".join(record) + "\\n").encode()
+    name = f"{{NAME}}-{{VERSION}}-py3-none-any.whl"
+    with zipfile.ZipFile(os.path.join(wheel_directory, name), "w") as zf:
+        for path, data in files.items():
+            zf.writestr(path, data)
+    return name
+'''
+
+
+class SlowInstallRunnerDouble:
+    """The template app plus a local dependency whose build takes `seconds` the first time it is built
+    in a sandbox, so a fault lands during DEPS (`pip install`); the app imports it at start-up."""
+
+    PACKAGE = "genloop_slow_dep"
+    MARKER = "/tmp/.genloop-slow-dep-built-once"  # exists once the slow build has begun
+
+    def __init__(self, seconds: int = 600) -> None:
+        self.seconds = seconds
+
+    async def run(self, state):
+        state = await TemplateRunner().run(state)
+        wf = state["working_files"]
+        wf["slowdep/pyproject.toml"] = working_file(
+            "slowdep/pyproject.toml",
+            '[build-system]\nrequires = []\nbuild-backend = "slow_backend"\nbackend-path = ["."]\n\n'
+            f'[project]\nname = "{self.PACKAGE}"\nversion = "1.0"\n',
+        )
+        wf["slowdep/slow_backend.py"] = working_file("slowdep/slow_backend.py", _SLOW_BACKEND.format(seconds=self.seconds))
+        wf["requirements.txt"] = working_file("requirements.txt", "./slowdep\n")
+        wf["app.py"] = working_file("app.py", f"import {self.PACKAGE}\n" + wf["app.py"]["new_content"])
+        return state
+
+
+class LateBindingAppRunnerDouble:
+    """An app that sleeps `seconds` before binding its port the first time it is launched in a
+    sandbox (later launches bind at once), so a fault lands during CHECKS."""
+
+    MARKER = "/tmp/.genloop-app-launched-once"  # exists once the app's first launch has begun
+
+    def __init__(self, seconds: int = 600) -> None:
+        self.seconds = seconds
+
+    async def run(self, state):
+        state = await TemplateRunner().run(state)
+        app = state["working_files"]["app.py"]["new_content"]
+        prelude = (
+            "import os, time\n"
+            "if not os.path.exists('/tmp/.genloop-app-launched-once'):\n"
+            "    open('/tmp/.genloop-app-launched-once', 'w').close()\n"
+            f"    time.sleep({self.seconds})\n"
+        )
+        state["working_files"]["app.py"] = working_file("app.py", prelude + app)
+        return state

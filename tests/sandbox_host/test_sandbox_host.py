@@ -266,7 +266,11 @@ async def test_timeout_expiry_kills_everything(sdk, host):
 async def test_isolation(sdk, host):
     async with sandbox(sdk) as a, sandbox(sdk) as b:
         await a.files.write("/home/user/secret.txt", "a's secret")
-        a_home = host.state_dir / a.sandbox_id / "home" / "secret.txt"
+        # A's home is a tmpfs in A's mount namespace (its disk quota): not on the host's disk at all;
+        # the host reaches it only through A's pid 1.
+        assert not (host.state_dir / a.sandbox_id / "home" / "secret.txt").exists()
+        a_init = json.loads((host.state_dir / a.sandbox_id / "record.json").read_text())["init_pid"]
+        a_home = Path(f"/proc/{a_init}/root/home/user/secret.txt")
         assert a_home.read_text() == "a's secret"
         probe = (
             f"cat {a_home} /home/user/secret.txt /root/.bashrc 2>&1; ls /work {host.state_dir} 2>&1; "

@@ -15,7 +15,6 @@ from genloop.settings import load_settings
 from genloop.temporal import build_worker
 from persistence.repository import JobRepository
 from tests.helpers import doubles
-from tests.helpers.stack_fixtures import sandbox_host, temporal_client, temporal_env  # noqa: F401  (fixtures)
 from workflows.types import WORKFLOW_NAME, BuildRequest, BuildResult
 
 

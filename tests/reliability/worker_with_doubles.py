@@ -1,0 +1,38 @@
+"""`python -m tests.reliability.worker_with_doubles`: exactly `genloop worker` (genloop.temporal.run_worker:
+settings from the environment, the real repository, sandbox client, Temporal connection, periodic
+orphan sweep, SIGTERM handling) with the fault-injection suite's runner doubles registered beside the
+production runners. Runner doubles stand in for the LLM only; nothing else is replaced.
+
+GENLOOP_TEST_GATE_DIR: the directory GatedRunnerDouble watches for its per-build gate files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from typing import Any
+
+from genloop.settings import get_settings
+from genloop.temporal import run_worker
+from tests.helpers import doubles
+
+GATE_DIR_ENV = "GENLOOP_TEST_GATE_DIR"
+
+
+def runner_doubles() -> dict[str, Any]:
+    return {
+        "gated": doubles.GatedRunnerDouble(os.environ.get(GATE_DIR_ENV, "/nonexistent-gate-dir")),
+        "slow-install": doubles.SlowInstallRunnerDouble(),
+        "late-binding": doubles.LateBindingAppRunnerDouble(),
+    }
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(run_worker(get_settings(), extra_runners=runner_doubles()))
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())
