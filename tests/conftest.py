@@ -9,14 +9,13 @@ GENLOOP_TEST_SKIP_POSTGRES=1.
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 
 import pytest
 
 from persistence.migrate import upgrade
 from persistence.repository import JobRepository
-from tests.helpers.databases import SKIP_POSTGRES_ENV, DatabaseFactory, PostgresDatabases, SqliteDatabases
+from tests.helpers.databases import DatabaseFactory, SqliteDatabases, postgres_databases
 
 # One Temporal dev server and one sandbox host for the whole run, shared by every suite.
 pytest_plugins = ["tests.helpers.stack_fixtures"]
@@ -25,17 +24,11 @@ pytest_plugins = ["tests.helpers.stack_fixtures"]
 @pytest.fixture(scope="session", params=["sqlite", "postgres"])
 async def db_factory(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[DatabaseFactory]:
     """Creates empty databases of one backend (for tests that need one to themselves)."""
-    factory: DatabaseFactory
-    if request.param == "sqlite":
-        factory = SqliteDatabases(tmp_path_factory.mktemp("sqlite"))
-    else:
-        if os.environ.get(SKIP_POSTGRES_ENV) == "1":
-            pytest.skip(f"{SKIP_POSTGRES_ENV}=1")
-        factory = PostgresDatabases.from_env()
-        try:
-            await factory.check()
-        except RuntimeError as exc:
-            pytest.fail(str(exc), pytrace=False)
+    if request.param == "postgres":
+        async with postgres_databases() as factory:
+            yield factory
+        return
+    factory = SqliteDatabases(tmp_path_factory.mktemp("sqlite"))
     try:
         yield factory
     finally:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -113,3 +115,20 @@ async def inspect_schema(url: str) -> dict[str, Any]:
         }
 
     return await run_sync_on(url, read)
+
+
+@contextlib.asynccontextmanager
+async def postgres_databases() -> AsyncIterator[PostgresDatabases]:
+    """PostgreSQL test databases, dropped on exit. An unreachable server fails the test with a clear
+    message (never a silent skip) unless GENLOOP_TEST_SKIP_POSTGRES=1."""
+    if os.environ.get(SKIP_POSTGRES_ENV) == "1":
+        pytest.skip(f"{SKIP_POSTGRES_ENV}=1")
+    factory = PostgresDatabases.from_env()
+    try:
+        await factory.check()
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield factory
+    finally:
+        await factory.drop_all()

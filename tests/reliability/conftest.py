@@ -8,34 +8,25 @@ is a PostgreSQL trigger. Each test gets a fresh, migrated database.
 
 from __future__ import annotations
 
-import os
+import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
 
 from persistence.migrate import upgrade
-from tests.helpers.databases import SKIP_POSTGRES_ENV, PostgresDatabases
+from tests.helpers.databases import PostgresDatabases, postgres_databases
 from tests.reliability.harness import Stack
 
 
 @pytest.fixture(scope="session")
-async def postgres_databases() -> AsyncIterator[PostgresDatabases]:
-    if os.environ.get(SKIP_POSTGRES_ENV) == "1":
-        pytest.skip(f"{SKIP_POSTGRES_ENV}=1: the reliability suite runs on PostgreSQL")
-    factory = PostgresDatabases.from_env()
-    try:
-        await factory.check()
-    except RuntimeError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    try:
+async def postgres_dbs() -> AsyncIterator[PostgresDatabases]:
+    async with postgres_databases() as factory:
         yield factory
-    finally:
-        await factory.drop_all()
 
 
 @pytest.fixture
-async def pg_url(postgres_databases: PostgresDatabases) -> str:
-    url = await postgres_databases.create()
+async def pg_url(postgres_dbs: PostgresDatabases) -> str:
+    url = await postgres_dbs.create()
     await upgrade(url)
     return url
 
@@ -44,10 +35,9 @@ def temporal_target(env) -> str:
     return env.client.service_client.config.target_host
 
 
-@pytest.fixture
-async def stack(temporal_env, sandbox_host, pg_url, tmp_path, request) -> AsyncIterator[Stack]:
-    """Workers (subprocesses) on a task queue of their own, the shared dev server and sandbox host."""
-    s = Stack(temporal_env.client, temporal_target(temporal_env), pg_url, sandbox_host, tmp_path)
+@contextlib.asynccontextmanager
+async def _stack(temporal_env, host, pg_url, tmp_path, request) -> AsyncIterator[Stack]:
+    s = Stack(temporal_env.client, temporal_target(temporal_env), pg_url, host, tmp_path)
     try:
         yield s
     finally:
@@ -55,6 +45,13 @@ async def stack(temporal_env, sandbox_host, pg_url, tmp_path, request) -> AsyncI
         if report is not None and report.failed:
             print(s.logs())
         await s.close()
+
+
+@pytest.fixture
+async def stack(temporal_env, sandbox_host, pg_url, tmp_path, request) -> AsyncIterator[Stack]:
+    """Workers (subprocesses) on a task queue of their own, the shared dev server and sandbox host."""
+    async with _stack(temporal_env, sandbox_host, pg_url, tmp_path, request) as s:
+        yield s
 
 
 @pytest.fixture
@@ -68,14 +65,8 @@ async def private_host(tmp_path):
 
 @pytest.fixture
 async def private_stack(temporal_env, private_host, pg_url, tmp_path, request) -> AsyncIterator[Stack]:
-    s = Stack(temporal_env.client, temporal_target(temporal_env), pg_url, private_host, tmp_path)
-    try:
+    async with _stack(temporal_env, private_host, pg_url, tmp_path, request) as s:
         yield s
-    finally:
-        report = getattr(request.node, "rep_call", None)
-        if report is not None and report.failed:
-            print(s.logs())
-        await s.close()
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
