@@ -24,14 +24,34 @@ from genloop.devserver import temporal_binary
 from genloop.settings import Settings, load_settings
 from genloop.temporal import build_worker
 
+# Dev server persistence modes the `modes` scenario compares: (file-backed?, extra args). Spelled out
+# on purpose (a comparison needs fixed definitions); every other scenario runs the server the stack
+# runs, STACK_MODE, whose flags come from settings (temporal-dev.yaml) via dev_server_args().
 WAL_PRAGMAS = ("--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal")
-# Dev server persistence modes: (label, file-backed?, extra args).
+# The history service reads its transfer queue at most 20 times/s per shard by default, so every
+# task dispatched after the first few waits up to ~50 ms; temporal-dev.yaml raises the limit.
+TRANSFER_POLL_RPS = ("--dynamic-config-value", "history.transferProcessorMaxPollRPS=1000")
 MODES: dict[str, tuple[bool, tuple[str, ...]]] = {
     "memory": (False, ()),
     "file": (True, ()),
-    "file+wal": (True, WAL_PRAGMAS),
+    "file+wal": (True, WAL_PRAGMAS),  # what `genloop up` ran before the levers were applied
+    "file+wal+rps": (True, (*WAL_PRAGMAS, *TRANSFER_POLL_RPS)),
 }
-PRODUCTION_MODE = "file+wal"  # what `genloop up` runs (temporal-dev.yaml sqlite_pragmas)
+STACK_MODE = "stack"  # file-backed, settings().temporal.dev_server_args(): what `genloop up` runs
+
+
+def mode_args(mode: str) -> tuple[bool, list[str]]:
+    """(file-backed?, flags) of a dev server mode: STACK_MODE or a key of MODES."""
+    if mode == STACK_MODE:
+        return True, settings().temporal.dev_server_args(file_backed=True)
+    file_backed, args = MODES[mode]
+    return file_backed, list(args)
+
+
+def stack_equivalent() -> str | None:
+    """The MODES entry whose flags equal what the stack runs (for labels), if any."""
+    stack = mode_args(STACK_MODE)
+    return next((m for m in MODES if mode_args(m) == stack), None)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -58,17 +78,17 @@ async def temp_dir(prefix: str) -> AsyncIterator[Path]:
 
 
 @contextlib.asynccontextmanager
-async def dev_server(mode: str, tmp: Path, extra: Sequence[str] = ()) -> AsyncIterator[WorkflowEnvironment]:
-    """A dev server of our own (free port) in the given persistence mode, search attributes registered.
-    Its banner and log go to /dev/null instead of our stdout/stderr."""
+async def dev_server(tmp: Path, mode: str = STACK_MODE) -> AsyncIterator[WorkflowEnvironment]:
+    """A dev server of our own (free port), search attributes registered; by default with the flags
+    the stack runs, else one of MODES. Its banner and log go to /dev/null instead of our stdout/stderr."""
     from workflows.build import SEARCH_ATTRIBUTES
 
-    file_backed, mode_args = MODES[mode]
+    file_backed, args = mode_args(mode)
     with _stdout_to_devnull():
         env = await WorkflowEnvironment.start_local(
             dev_server_existing_path=temporal_binary(),
             dev_server_database_filename=str(tmp / f"temporal-{mode}.db") if file_backed else None,
-            dev_server_extra_args=[*mode_args, *extra],
+            dev_server_extra_args=args,
             search_attributes=SEARCH_ATTRIBUTES,
         )
     try:
@@ -205,13 +225,6 @@ def machine() -> str:
     return f"{os.cpu_count()} CPUs ({cpu}), {psutil.virtual_memory().total / 2**30:.1f} GiB RAM"
 
 
-# The proposed dev-server tuning (not what genloop runs today): the history service's transfer-queue
-# reader is rate limited to 20 polls/s per shard by default, so every task the server dispatches
-# after the first few (each workflow task after an activity completes, each non-eager activity)
-# waits up to ~50 ms for the next read. Raising the limit removes that wait.
-TRANSFER_POLL_RPS = ("--dynamic-config-value", "history.transferProcessorMaxPollRPS=1000")
-
-
 class WarningCounter(logging.Handler):
     """Counts WARNING+ records from the SDK's loggers (failed activity attempts are retried and
     logged, so a benchmark that 'succeeded' through retries shows it)."""
@@ -235,6 +248,14 @@ class WarningCounter(logging.Handler):
 
     def summary(self) -> str:
         return f"{self.count} SDK warnings (retried attempts)" + (f"; first: {self.first}" if self.first else "")
+
+
+def run_counting_warnings(run: Callable[[], Awaitable[None]]) -> int:
+    """A scenario's main(): run it, then say how many SDK warnings (retried attempts) it caused."""
+    with WarningCounter() as warnings:
+        asyncio.run(run())
+    print(warnings.summary())
+    return 0
 
 
 def thread_cpu() -> dict[int, float]:

@@ -112,7 +112,4 @@ async def run() -> None:
 
 
 def main() -> int:
-    with common.WarningCounter() as warnings:
-        asyncio.run(run())
-    print(warnings.summary())
-    return 0
+    return common.run_counting_warnings(run)

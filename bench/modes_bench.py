@@ -2,38 +2,40 @@
 
     python -m bench modes
 
-For each mode a fresh dev server of our own: in-memory (start-dev's default), file-backed
-(--db-filename), file-backed with `--sqlite-pragma journal_mode=wal --sqlite-pragma
-synchronous=normal` (what `genloop up` runs), and, as a proposed change, the latter plus
-`--dynamic-config-value history.transferProcessorMaxPollRPS=1000`. Same worker and doubles as
+For each mode of common.MODES a fresh dev server of our own: in-memory (start-dev's default),
+file-backed (--db-filename), file-backed with `--sqlite-pragma journal_mode=wal --sqlite-pragma
+synchronous=normal` (what `genloop up` ran before the levers), and the latter plus
+`--dynamic-config-value history.transferProcessorMaxPollRPS=1000`; the mode whose flags equal
+settings().temporal.dev_server_args() is labelled "genloop up". Same worker and doubles as
 `bench overhead`; per mode TOTAL runs of each at concurrency 50 in alternating batches, and SINGLE
 interleaved single runs.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 
 from bench import common
-from bench.overhead_bench import CONCURRENCY, WARMUP, pair_stack, single_runs, throughput
+from bench.overhead_bench import (
+    CONCURRENCY,
+    WARMUP,
+    pair_stack,
+    single_runs,
+    throughput,
+)
 
 SCALE = float(os.environ.get("BENCH_SCALE", "1"))
 TOTAL = max(10, int(100 * SCALE))
 BATCH = max(10, int(50 * SCALE))
 SINGLE = max(5, int(10 * SCALE))
-VARIANTS = [
-    ("memory", "memory", ()),
-    ("file", "file", ()),
-    ("file+wal (genloop up)", "file+wal", ()),
-    ("file+wal + transferProcessorMaxPollRPS=1000 (proposed)", "file+wal", common.TRANSFER_POLL_RPS),
-]
 
 
 async def run() -> None:
     rows = []
-    for label, mode, extra in VARIANTS:
-        async with common.temp_dir("bench-modes-") as tmp, common.dev_server(mode, tmp, extra) as env:
+    stack = common.stack_equivalent()
+    for mode in common.MODES:
+        label = f"{mode} (genloop up)" if mode == stack else mode
+        async with common.temp_dir("bench-modes-") as tmp, common.dev_server(tmp, mode) as env:
             async with pair_stack(env.client, tmp) as pair:
                 await common.run_batch(pair.raw, WARMUP, WARMUP)
                 await common.run_batch(pair.genloop, WARMUP, WARMUP)
@@ -56,7 +58,4 @@ async def run() -> None:
 
 
 def main() -> int:
-    with common.WarningCounter() as warnings:
-        asyncio.run(run())
-    print(warnings.summary())
-    return 0
+    return common.run_counting_warnings(run)

@@ -2,7 +2,7 @@
 
     python -m bench overhead
 
-One dev server (file-backed, WAL pragmas: what `genloop up` runs), one worker in this process with
+One dev server (file-backed, with the flags `genloop up` runs: settings().temporal.dev_server_args()), one worker in this process with
 genloop's tuning (`build_worker`, settings.worker) registering both workflows, so both run on the
 same server, worker and event loop. BuildWorkflow runs with the real activities, the real SQLite
 repository (migrated, in a temp dir) and TemplateRunner (pure string formatting), against
@@ -120,7 +120,7 @@ async def run() -> None:
 
 
 async def _measure(warnings: common.WarningCounter) -> None:
-    async with common.temp_dir("bench-overhead-") as tmp, common.dev_server(common.PRODUCTION_MODE, tmp) as env:
+    async with common.temp_dir("bench-overhead-") as tmp, common.dev_server(tmp) as env:
         async with pair_stack(env.client, tmp) as pair:
             await common.run_batch(pair.raw, WARMUP, WARMUP)
             await common.run_batch(pair.genloop, WARMUP, WARMUP)
@@ -130,7 +130,7 @@ async def _measure(warnings: common.WarningCounter) -> None:
             raw, gen, notes = await throughput(pair, TOTAL, BATCH, CONCURRENCY, cpu)
             sizes = {kind: await history_size(env.client, wid) for kind, wid in pair.last_ids.items()}
 
-    print(f"\norchestration overhead — dev server {common.PRODUCTION_MODE}, worker: {common.worker_tuning()}")
+    print(f"\norchestration overhead — dev server {common.stack_equivalent() or 'as the stack runs'}, worker: {common.worker_tuning()}")
     common.print_table(
         f"throughput: {TOTAL} runs each, concurrency {CONCURRENCY}, alternating batches of {BATCH}",
         ["workflow", "workflows/s", "p50", "p95"],

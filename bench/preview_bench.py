@@ -3,19 +3,27 @@
     python -m bench preview
 
 The real stack (bench.real_stack): TemplateRunner, the e2b SDK against a local sandbox host, SQLite,
-a file-backed dev server with WAL pragmas. BUILDS builds one after another, each timed from
+a file-backed dev server with the stack's flags. BUILDS builds one after another, each timed from
 `client.start_workflow` to the first 200 from its preview URL (GET through
 genloop.http.preview_client()), broken down by stage with the persisted transition times
 (repo.list_transitions). A transition's time is workflow.now() of the workflow task that entered
 the stage, so "CODE → DEPS" is the CODE work plus the Temporal round trip into DEPS. Each build's
 sandbox is killed after it is measured.
+
+Before vs now: on the stack's server, builds alternate between genloop as is and the worker-side
+levers toggled off (bench.levers.worker_levers_off: SSL context per client, /health every 200 ms);
+then, on a server without transferProcessorMaxPollRPS (common.MODES["file+wal"], what `genloop up`
+ran before), BUILDS builds with the worker levers off: everything as before the levers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 from datetime import datetime, timezone
 
 from bench import common, levers
@@ -52,18 +60,23 @@ async def one_build(stack: RealStack, http) -> tuple[float, dict[str, float]]:
     return total, parts
 
 
-async def measure(builds: int, **stack_options) -> tuple[list[float], dict[str, list[float]]]:
-    totals: list[float] = []
-    parts: dict[str, list[float]] = {label: [] for label, _, _ in SEGMENTS}
-    async with real_stack("bench-preview-", **stack_options) as stack, preview_client(timeout=10) as http:
+async def measure(builds: int, toggles: dict[str, Callable[[], ContextManager[None]]], dev_server_mode: str = common.STACK_MODE,
+                  ) -> dict[str, tuple[list[float], dict[str, list[float]]]]:
+    """`builds` builds per toggle on one stack, the toggles taking turns build by build."""
+    out = {name: ([], {label: [] for label, _, _ in SEGMENTS}) for name in toggles}
+    async with real_stack("bench-preview-", dev_server_mode=dev_server_mode) as stack, \
+            preview_client(timeout=10) as http:
         for i in range(WARMUP + builds):
-            total, p = await one_build(stack, http)
-            if i < WARMUP:
-                continue
-            totals.append(total)
-            for label, value in p.items():
-                parts[label].append(value)
-    return totals, parts
+            for name, toggle in toggles.items():
+                with toggle():
+                    total, p = await one_build(stack, http)
+                if i < WARMUP:
+                    continue
+                totals, parts = out[name]
+                totals.append(total)
+                for label, value in p.items():
+                    parts[label].append(value)
+    return out
 
 
 def report(title: str, totals: list[float], parts: dict[str, list[float]]) -> None:
@@ -74,40 +87,29 @@ def report(title: str, totals: list[float], parts: dict[str, list[float]]) -> No
     common.print_table(title, ["segment", "p50", "p95", "mean"], rows)
 
 
-# Proposed changes, cumulative (bench.levers prototypes them without editing genloop).
-VARIANTS = (
-    ("genloop as is", {}),
-    ("+ dev server transferProcessorMaxPollRPS=1000", dict(dev_server_args=common.TRANSFER_POLL_RPS)),
-    ("+ one SSL context per process (preview_client)",
-     dict(dev_server_args=common.TRANSFER_POLL_RPS, activities_cls=levers.CachedSslActivities)),
-    ("+ /health polled every 25 ms (not 200 ms)",
-     dict(dev_server_args=common.TRANSFER_POLL_RPS, activities_cls=levers.FastPollActivities)),
-    ("+ no set_timeout round trip after create",
-     dict(dev_server_args=common.TRANSFER_POLL_RPS, activities_cls=levers.AllLeversActivities)),
-)
-
-
 async def run() -> None:
+    now = await measure(BUILDS, {"now": contextlib.nullcontext, "worker levers off": levers.worker_levers_off})
+    before = await measure(BUILDS, {"before": levers.worker_levers_off}, dev_server_mode="file+wal")
+    totals, parts = now["now"]
+    report(f"time to preview: {BUILDS} sequential template builds (real sandbox host, SQLite, the stack's dev server)",
+           totals, parts)
+    p50 = common.percentile(totals, 0.5)
+    print(f"target p50 ≤ 1000 ms: {'met' if p50 <= 1.0 else 'MISSED'} ({p50 * 1000:.0f} ms)")
+    variants = (
+        ("before: dev server without transferProcessorMaxPollRPS, SSL context per client, 200 ms poll", before["before"]),
+        ("stack's dev server, worker levers off (interleaved with now)", now["worker levers off"]),
+        ("now (genloop as is)", now["now"]),
+    )
     rows = []
-    for i, (label, options) in enumerate(VARIANTS):
-        totals, parts = await measure(BUILDS, **options)
-        if i == 0:
-            report(f"time to preview: {BUILDS} sequential template builds (real sandbox host, SQLite, file+wal dev server)",
-                   totals, parts)
-            p50 = common.percentile(totals, 0.5)
-            print(f"target p50 ≤ 1000 ms: {'met' if p50 <= 1.0 else 'MISSED'} ({p50 * 1000:.0f} ms)")
-        seg = lambda key: common.ms(common.percentile(parts[key], 0.5))  # noqa: E731
-        rows.append([label, common.ms(common.percentile(totals, 0.5)), common.ms(common.percentile(totals, 0.95)),
-                     seg(SEGMENTS[4][0]), seg(SEGMENTS[5][0])])
+    for label, (totals, parts) in variants:
+        p50 = [common.ms(common.percentile(parts[SEGMENTS[i][0]], 0.5)) for i in (4, 5)]
+        rows.append([label, common.ms(common.percentile(totals, 0.5)), common.ms(common.percentile(totals, 0.95)), *p50])
     common.print_table(
-        f"time to preview with proposed changes (cumulative; {BUILDS} builds each)",
+        f"time to preview, before vs now ({BUILDS} builds each)",
         ["variant", "total p50", "total p95", "DEPS → CHECKS p50", "CHECKS → READY p50"],
         rows,
     )
 
 
 def main() -> int:
-    with common.WarningCounter() as warnings:
-        asyncio.run(run())
-    print(warnings.summary())
-    return 0
+    return common.run_counting_warnings(run)

@@ -1,5 +1,5 @@
 """The real stack for the time-to-preview and concurrency benchmarks, all started here and torn down
-afterwards: a file-backed dev server (WAL pragmas), a sandbox host subprocess, a migrated SQLite
+afterwards: a file-backed dev server (the stack's flags, or a common.MODES entry), a sandbox host subprocess, a migrated SQLite
 database, and a worker in this process running the real BuildActivities (TemplateRunner, the e2b
 SDK's SandboxClient against the host)."""
 
@@ -54,9 +54,9 @@ class RealStack:
 
 @contextlib.asynccontextmanager
 async def real_stack(prefix: str, *, max_sandboxes: int = 50, activities_cls: type = BuildActivities,
-                     dev_server_args: tuple[str, ...] = (), **worker_overrides: Any) -> AsyncIterator[RealStack]:
+                     dev_server_mode: str = common.STACK_MODE, **worker_overrides: Any) -> AsyncIterator[RealStack]:
     async with common.temp_dir(prefix) as tmp:
-        async with common.dev_server(common.PRODUCTION_MODE, tmp, extra=dev_server_args) as env, \
+        async with common.dev_server(tmp, dev_server_mode) as env, \
                 running_host(tmp, max_sandboxes=max_sandboxes, default_timeout_s=600) as host, \
                 common.sqlite_repo(tmp) as repo:
             config = SandboxConfig(api_key=host.api_key, api_url=host.url, template="base", timeout_s=600)
