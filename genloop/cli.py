@@ -190,7 +190,7 @@ async def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_sweep(settings: Settings, args: argparse.Namespace) -> int:
-    from activities.sandbox import SandboxClient, SandboxConfig
+    from activities.sandbox import SandboxClient, SandboxConfig, close_sdk_transports
     from activities.sweep import sweep_orphans
     from genloop.temporal import connect
     from persistence.repository import JobRepository
@@ -200,6 +200,7 @@ async def cmd_sweep(settings: Settings, args: argparse.Namespace) -> int:
         report = await sweep_orphans(SandboxClient(SandboxConfig.from_settings(settings)), repo, await connect(settings))
     finally:
         await repo.aclose()
+        await close_sdk_transports()
     print(f"sandboxes checked: {report.checked}, killed: {len(report.killed)} {' '.join(report.killed)}")
     return 0
 
