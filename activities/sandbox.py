@@ -7,7 +7,6 @@ host) and how the preview is reached from this process (genloop.http.preview_cli
 from __future__ import annotations
 
 import hashlib
-import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +14,7 @@ import e2b
 import httpx
 from e2b import AsyncSandbox, SandboxQuery
 
-from genloop.errors import ErrorKind, GenloopError
+from genloop.errors import ErrorKind, GenloopError, redact_secrets
 from genloop.http import is_localhost_name
 from genloop.settings import Settings
 
@@ -102,7 +101,7 @@ def classify_sandbox_error(exc: BaseException) -> GenloopError:
     """Map an SDK / transport exception onto the error taxonomy."""
     if isinstance(exc, GenloopError):
         return exc
-    detail = f"{type(exc).__name__}: {_redact(str(exc))}"
+    detail = f"{type(exc).__name__}: {redact_secrets(str(exc))}"
     if isinstance(exc, e2b.RateLimitException):
         return GenloopError(ErrorKind.RATE_LIMITED, detail)
     if isinstance(exc, e2b.AuthenticationException):
@@ -119,17 +118,6 @@ def classify_sandbox_error(exc: BaseException) -> GenloopError:
         return GenloopError(ErrorKind.SERVICE_BUSY, detail)
     # Anything else from the SDK or below: retry (bounded by the activity's retry policy).
     return GenloopError(ErrorKind.SANDBOX_UNREACHABLE, detail)
-
-
-def _redact(text: str) -> str:
-    # Exceptions can echo request URLs; drop any userinfo and query strings that might hold keys.
-    out = []
-    for word in text.split():
-        if "://" in word:
-            parts = urllib.parse.urlsplit(word)
-            word = urllib.parse.urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))
-        out.append(word)
-    return " ".join(out)
 
 
 async def close_sdk_transports() -> None:

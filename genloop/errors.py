@@ -7,6 +7,7 @@ is the kind's name, so retry policies list permanent kinds in `non_retryable_err
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 
 FRIENDLY_DEFAULT = "The preview environment could not be started. Please try again."
@@ -57,6 +58,19 @@ _FRIENDLY = {
     ErrorKind.RUNNER_FAILED: "We could not generate code for this request. Please try again.",
     ErrorKind.INVALID_INPUT: "The request could not be processed. Please check it and try again.",
 }
+
+_URL_CREDENTIALS = re.compile(r"(?P<prefix>[a-zA-Z][\w+.-]*://[^:/@\s]*):[^@\s]*@")
+_URL_QUERY = re.compile(r"(?P<url>[a-zA-Z][\w+.-]*://[^\s?#]*)\?[^\s#]*")
+_KEYWORD_PASSWORD = re.compile(r"(?i)(?P<prefix>password\s*[=:]\s*)\S+")
+
+
+def redact_secrets(text: str) -> str:
+    """Strip what may carry a secret from a message bound for logs, errors or users: URL passwords,
+    URL query strings (tokens, signed parameters) and `password=...` pairs."""
+    text = _URL_CREDENTIALS.sub(r"\g<prefix>:***@", text)
+    text = _URL_QUERY.sub(r"\g<url>", text)
+    return _KEYWORD_PASSWORD.sub(r"\g<prefix>***", text)
+
 
 PERMANENT_ERROR_TYPES = tuple(k.value for k in ErrorKind if not k.transient)
 

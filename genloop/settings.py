@@ -88,7 +88,6 @@ class SandboxSettings(_Section):
     template: str = "base"
     timeout_s: int = Field(3600, ge=1)
     app_port: int = Field(8080, ge=1, le=65535)
-    workspace: str = "/home/user/project"
 
 
 class SandboxHostSettings(_Section):

@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -71,7 +71,6 @@ class Child:
     proc: asyncio.subprocess.Process | None = None
     restarts: int = 0
     log_path: Path | None = None
-    _started_at: float = field(default=0.0)
 
     async def start(self, env: dict[str, str]) -> None:
         out = open(self.log_path, "ab") if self.log_path else None
@@ -81,7 +80,6 @@ class Child:
         )
         if out:
             out.close()
-        self._started_at = time.monotonic()
 
     async def wait_ready(self, timeout: float = 60) -> None:
         if not self.ready_port:
@@ -164,7 +162,8 @@ class Stack:
             code = await child.proc.wait()
             if self._stopping:
                 return
-            log.error("%s exited with %s; restarting in %.0fs (log: %s)", child.name, code, backoff, child.log_path)
+            log.error("%s exited with %s; restart #%d in %.0fs (log: %s)",
+                      child.name, code, child.restarts + 1, backoff, child.log_path)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30)
             child.restarts += 1

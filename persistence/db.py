@@ -5,7 +5,6 @@ Nothing outside `persistence/` opens sessions; everything else goes through `Job
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +15,7 @@ from sqlalchemy import event, exc as sa_exc
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
-from genloop.errors import ErrorKind, GenloopError
+from genloop.errors import ErrorKind, GenloopError, redact_secrets
 
 # Execution option marking a connection whose transaction will write. On SQLite it turns the BEGIN
 # into BEGIN IMMEDIATE (see below); other backends ignore unknown execution options.
@@ -86,16 +85,6 @@ def _sqlite_engine(url: URL, *, foreign_keys: bool) -> AsyncEngine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
     return engine
-
-
-_URL_CREDENTIALS = re.compile(r"(?P<prefix>[a-zA-Z][\w+.-]*://[^:/@\s]*):[^@\s]*@")
-_KEYWORD_PASSWORD = re.compile(r"(?i)(?P<prefix>password\s*[=:]\s*)\S+")
-
-
-def redact_secrets(text: str) -> str:
-    """Strip passwords from URLs and `password=...` pairs in a message bound for logs or users."""
-    text = _URL_CREDENTIALS.sub(r"\g<prefix>:***@", text)
-    return _KEYWORD_PASSWORD.sub(r"\g<prefix>***", text)
 
 
 def describe_url(url: str | URL) -> str:

@@ -105,3 +105,13 @@ def test_available_runners_follow_the_llm_key():
 
     acts = production_activities(both, repo=None)
     assert set(acts.runners) == {"llm", "template"} and "k" not in repr(acts.runners)
+
+
+def test_redact_secrets_strips_url_credentials_queries_and_passwords():
+    from genloop.errors import redact_secrets
+
+    text = ("connect postgresql+asyncpg://app:hunter2@db:5432/x failed; GET http://h:1/v2/sandboxes?token=abc#f "
+            "password=s3cret")
+    out = redact_secrets(text)
+    assert "hunter2" not in out and "abc" not in out and "s3cret" not in out
+    assert "postgresql+asyncpg://app:***@db:5432/x" in out and "http://h:1/v2/sandboxes" in out

@@ -13,7 +13,6 @@ from temporalio.exceptions import ApplicationError
 from genloop.http import preview_client
 from tests.helpers import doubles
 from tests.workflows.conftest import make_stack
-from workflows.stages import Stage
 from workflows.types import STATUS_QUERY, BuildResult, BuildStatus, CancelRequest
 
 PIPELINE = ["starting", "scaffold", "code", "deps", "checks", "ready"]
