@@ -8,17 +8,18 @@ import hashlib
 import json
 import logging
 import time
-from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable, Mapping, TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 from e2b import CommandExitException
 from temporalio import activity
 
 from activities.files import validate_working_files
-from activities.runner import Runner
+from activities.runners import Runner
 from activities.sandbox import SandboxClient, classify_sandbox_error
-from genloop.http import preview_client
 from genloop.errors import ErrorKind, GenloopError, to_application_error
+from genloop.http import preview_client
 from persistence.repository import JobRepository
 from workflows.stages import Stage
 from workflows.types import (
@@ -94,7 +95,7 @@ async def _heartbeating(awaitable: Awaitable[T], details: str) -> T:
 
 
 def _parse_at(at: str) -> datetime:
-    return datetime.fromisoformat(at) if at else datetime.now(timezone.utc)
+    return datetime.fromisoformat(at) if at else datetime.now(UTC)
 
 
 def _tail(text: str | None, limit: int = STDERR_TAIL_CHARS) -> str:

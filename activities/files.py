@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from genloop.errors import ErrorKind, GenloopError
 

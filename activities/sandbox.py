@@ -36,7 +36,7 @@ class SandboxConfig:
     timeout_s: int
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "SandboxConfig":
+    def from_settings(cls, settings: Settings) -> SandboxConfig:
         return cls(
             api_key=settings.sandbox_api_key,
             api_url=settings.sandbox_api_url,

@@ -20,9 +20,9 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from genloop.cli.worker import build_worker
 from genloop.devserver import temporal_binary
 from genloop.settings import Settings, load_settings
-from genloop.temporal import build_worker
 
 # Dev server persistence modes the `modes` scenario compares: (file-backed?, extra args). Spelled out
 # on purpose (a comparison needs fixed definitions); every other scenario runs the server the stack
@@ -124,7 +124,7 @@ def dev_server_pid() -> int | None:
 
 @contextlib.asynccontextmanager
 async def sqlite_repo(tmp: Path) -> AsyncIterator[Any]:
-    from persistence.migrate import upgrade
+    from migrations.apply import upgrade
     from persistence.repository import JobRepository
 
     url = f"sqlite+aiosqlite:///{tmp / 'genloop.db'}"
@@ -157,7 +157,7 @@ class Batch:
     wall_s: float = 0.0
     latencies: list[float] = field(default_factory=list)
 
-    def add(self, other: "Batch") -> None:
+    def add(self, other: Batch) -> None:
         self.wall_s += other.wall_s
         self.latencies += other.latencies
 
@@ -239,7 +239,7 @@ class WarningCounter(logging.Handler):
         if self.first is None:
             self.first = record.getMessage()[:300]
 
-    def __enter__(self) -> "WarningCounter":
+    def __enter__(self) -> WarningCounter:
         logging.getLogger("temporalio").addHandler(self)
         return self
 
@@ -272,7 +272,7 @@ class CpuMeter:
     process_s: float = 0.0
     server_s: float = 0.0
 
-    def __enter__(self) -> "CpuMeter":
+    def __enter__(self) -> CpuMeter:
         self._t = thread_cpu()
         self._p = sum(psutil.Process().cpu_times()[:2])
         self._s = sum(psutil.Process(self.server_pid).cpu_times()[:2]) if self.server_pid else 0.0

@@ -26,7 +26,7 @@ class AlwaysOkServer:
         self._server: asyncio.base_events.Server | None = None
         self.port = 0
 
-    async def __aenter__(self) -> "AlwaysOkServer":
+    async def __aenter__(self) -> AlwaysOkServer:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self

@@ -27,7 +27,7 @@ from pathlib import Path
 from temporalio.client import Client
 
 from activities.build import BuildActivities
-from activities.runner import TemplateRunner
+from activities.runners import TemplateRunner
 from activities.sandbox import SandboxConfig
 from bench import common
 from bench.doubles import AlwaysOkServer, InstantSandboxClient

@@ -24,7 +24,7 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from bench import common, levers
 from bench.real_stack import RealStack, real_stack
@@ -44,7 +44,7 @@ SEGMENTS = (
 
 
 async def one_build(stack: RealStack, http) -> tuple[float, dict[str, float]]:
-    wall0 = datetime.now(timezone.utc)
+    wall0 = datetime.now(UTC)
     t0 = time.perf_counter()
     build_id, handle = await stack.start()
     result = await handle.result()
@@ -52,7 +52,7 @@ async def one_build(stack: RealStack, http) -> tuple[float, dict[str, float]]:
     while (await http.get(result.preview_url)).status_code != 200:
         await asyncio.sleep(0.01)
     total = time.perf_counter() - t0
-    wall1 = datetime.now(timezone.utc)
+    wall1 = datetime.now(UTC)
     at = await stack.stage_times(build_id)
     at_or = lambda key, default: at[key] if key else default  # noqa: E731
     parts = {label: (at_or(b, wall1) - at_or(a, wall0)).total_seconds() for label, a, b in SEGMENTS}

@@ -9,13 +9,13 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from temporalio.client import Client, WorkflowHandle
 
 from activities.build import BuildActivities
-from activities.runner import TemplateRunner
+from activities.runners import TemplateRunner
 from activities.sandbox import SandboxClient, SandboxConfig, close_sdk_transports
 from bench import common
 from sandbox_host.testing import RunningHost, running_host
@@ -47,7 +47,7 @@ class RealStack:
         workflow task that entered it)."""
         out: dict[str, datetime] = {}
         for t in await self.repo.list_transitions(build_id):
-            at = t.at if t.at.tzinfo else t.at.replace(tzinfo=timezone.utc)
+            at = t.at if t.at.tzinfo else t.at.replace(tzinfo=UTC)
             out.setdefault(t.stage.value if hasattr(t.stage, "value") else str(t.stage), at)
         return out
 

@@ -1,6 +1,6 @@
 """Alembic environment (async). Two ways in:
 
-- `persistence.migrate` passes an open connection, already inside a transaction, in
+- `migrations.apply` passes an open connection, already inside a transaction, in
   `config.attributes["connection"]`; the migrations run on it and the caller commits.
 - The alembic CLI: the URL comes from `-x url=...`, else `sqlalchemy.url`, else genloop's settings.
 """

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from persistence.migrate import upgrade
+from migrations.apply import upgrade
 from persistence.repository import JobRepository
 from tests.helpers.databases import DatabaseFactory, SqliteDatabases, postgres_databases
 

@@ -20,10 +20,10 @@ import httpx
 import pytest
 
 from activities.build import BuildActivities
-from activities.runner import TemplateRunner
+from activities.runners import TemplateRunner
 from activities.sandbox import SandboxClient
+from genloop.cli.worker import build_worker
 from genloop.settings import load_settings
-from genloop.temporal import build_worker
 from persistence.repository import JobRepository
 from sandbox_host.testing import free_port
 from tests.helpers import doubles

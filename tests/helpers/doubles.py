@@ -11,7 +11,7 @@ import zipfile
 
 import e2b
 
-from activities.runner import TemplateRunner, working_file
+from activities.runners import TemplateRunner, working_file
 from activities.sandbox import SandboxClient
 from genloop.errors import ErrorKind, GenloopError
 

@@ -19,7 +19,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.sandbox import close_sdk_transports
 from genloop.devserver import temporal_binary
-from persistence.migrate import upgrade
+from migrations.apply import upgrade
 from persistence.repository import JobRepository
 from sandbox_host.testing import running_host
 from tests.workflows.conftest import make_stack

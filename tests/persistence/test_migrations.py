@@ -13,7 +13,7 @@ from sqlalchemy.engine import Connection
 from sqlmodel import SQLModel
 
 from genloop.errors import GenloopError
-from persistence.migrate import current_revision, downgrade, upgrade
+from migrations.apply import current_revision, downgrade, upgrade
 from persistence.repository import JobRepository
 from tests.helpers.databases import DatabaseFactory, inspect_schema, run_sync_on
 
@@ -102,7 +102,7 @@ async def test_concurrent_upgrades_across_processes(db_factory: DatabaseFactory)
     url = await db_factory.create()
     # All processes import first, then start migrating at the same instant.
     script = (
-        "import asyncio, sys, time; from persistence.migrate import upgrade; "
+        "import asyncio, sys, time; from migrations.apply import upgrade; "
         "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); asyncio.run(upgrade(sys.argv[1]))"
     )
     start_at = str(time.time() + 3)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from genloop.errors import ErrorKind, GenloopError
-from persistence.migrate import upgrade
+from migrations.apply import upgrade
 from persistence.repository import JobRepository
 from workflows.stages import Stage
 

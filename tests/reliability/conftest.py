@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from persistence.migrate import upgrade
+from migrations.apply import upgrade
 from tests.helpers.databases import PostgresDatabases, postgres_databases
 from tests.reliability.harness import Stack
 

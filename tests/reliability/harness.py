@@ -104,7 +104,7 @@ class ServiceProcess:
         self.proc.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(self.proc.wait(), grace_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await self.kill9()
 
     def rss_bytes(self) -> int:
@@ -352,7 +352,7 @@ async def run_command(argv: list[str], env: dict[str, str] | None = None, timeou
     )
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         await proc.wait()
         raise

@@ -10,10 +10,10 @@ import json
 
 import psutil
 import pytest
+from temporalio.client import WorkflowFailureError
 
 from sandbox_host import isolation
 from tests.reliability.harness import assert_recovered_ready, wait_until
-from temporalio.client import WorkflowFailureError
 
 pytestmark = pytest.mark.reliability
 

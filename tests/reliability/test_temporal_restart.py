@@ -1,5 +1,5 @@
 """Temporal dev server restart mid-build: a file-backed dev server of the test's own (the command
-`genloop up` runs: genloop.stack.dev_server_command) is SIGKILLed while a build is in CODE and
+`genloop up` runs: genloop.cli.stack.dev_server_command) is SIGKILLed while a build is in CODE and
 started again on the same database file. The in-flight build completes; a build started after the
 restart completes too."""
 
@@ -10,8 +10,8 @@ import sys
 import pytest
 from temporalio.client import Client
 
+from genloop.cli.stack import dev_server_command, port_open
 from genloop.settings import load_settings
-from genloop.stack import dev_server_command, port_open
 from sandbox_host.testing import free_port
 from tests.reliability.harness import ServiceProcess, Stack, assert_recovered_ready, wait_until
 

@@ -1,4 +1,4 @@
-"""`python -m tests.reliability.worker_with_doubles`: exactly `genloop worker` (genloop.temporal.run_worker:
+"""`python -m tests.reliability.worker_with_doubles`: exactly `genloop worker` (genloop.cli.worker.run_worker:
 settings from the environment, the real repository, sandbox client, Temporal connection, periodic
 orphan sweep, SIGTERM handling) with the fault-injection suite's runner doubles registered beside the
 production runners. Runner doubles stand in for the LLM only; nothing else is replaced.
@@ -14,8 +14,8 @@ import os
 import sys
 from typing import Any
 
+from genloop.cli.worker import run_worker
 from genloop.settings import get_settings
-from genloop.temporal import run_worker
 from tests.helpers import doubles
 
 GATE_DIR_ENV = "GENLOOP_TEST_GATE_DIR"

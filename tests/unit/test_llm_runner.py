@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from activities.files import validate_working_files
-from activities.llm_runner import LLMRunner, parse_files
+from activities.runners.llm import LLMRunner, parse_files
 from genloop.errors import ErrorKind, GenloopError
 
 SECRET = "sk-test-very-secret"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from activities.files import MAX_FILE_BYTES, validate_working_files
-from activities.runner import TemplateRunner, working_file
+from activities.runners import TemplateRunner, working_file
 from genloop.errors import ErrorKind, GenloopError
 from genloop.settings import ConfigError, load_settings
 
@@ -101,7 +101,7 @@ def test_available_runners_follow_the_llm_key():
     assert load_settings(environ={}).available_runners == ("template",)
     both = load_settings(environ={"GENLOOP_LLM_API_KEY": "k", "GENLOOP_RUNNER_KIND": "llm"})
     assert both.available_runners == ("llm", "template")
-    from genloop.temporal import production_activities
+    from genloop.cli.worker import production_activities
 
     acts = production_activities(both, repo=None)
     assert set(acts.runners) == {"llm", "template"} and "k" not in repr(acts.runners)

@@ -2,17 +2,18 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 from temporalio.client import Client, WorkflowHandle
 
 from activities.build import BuildActivities
-from activities.runner import TemplateRunner
+from activities.runners import TemplateRunner
 from activities.sandbox import SandboxClient, SandboxConfig
+from genloop.cli.worker import build_worker
 from genloop.settings import load_settings
-from genloop.temporal import build_worker
 from persistence.repository import JobRepository
 from tests.helpers import doubles
 from workflows.types import WORKFLOW_NAME, BuildRequest, BuildResult

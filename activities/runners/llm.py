@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
-from activities.runner import RunnerState, working_file
+from activities.runners.base import Capability, RunnerState, working_file
 from genloop.errors import ErrorKind, GenloopError
 from genloop.settings import Settings
 
@@ -30,6 +30,8 @@ _FENCE = re.compile(r"^```(?:json)?\s*|\s*```$", re.MULTILINE)
 
 
 class LLMRunner:
+    capabilities: ClassVar[frozenset[Capability]] = frozenset(Capability)
+
     def __init__(self, *, api_key: str, base_url: str, model: str, timeout_s: float = 300,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self._api_key = api_key
@@ -39,7 +41,7 @@ class LLMRunner:
         self._transport = transport
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "LLMRunner":
+    def from_settings(cls, settings: Settings) -> LLMRunner:
         key = settings.runner.llm_api_key.get_secret_value()
         if not key:
             raise GenloopError(ErrorKind.INVALID_INPUT, "runner 'llm' needs runner.llm_api_key (GENLOOP_LLM_API_KEY)")

@@ -20,10 +20,9 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import Connection
 
-import migrations
 from persistence.db import WRITE_TRANSACTION, database_errors, describe_url, make_engine
 
-ALEMBIC_INI = Path(migrations.__file__).resolve().parent / "alembic.ini"
+ALEMBIC_INI = Path(__file__).resolve().parent / "alembic.ini"
 # Arbitrary, fixed key for pg_advisory_xact_lock: "genloop migrate".
 _PG_MIGRATION_LOCK = 0x67656E6C6F6F70
 # Alembic keeps the running migration in module globals (`alembic.context`, `alembic.op`): two runs

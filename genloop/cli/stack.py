@@ -24,7 +24,7 @@ import httpx
 from genloop.devserver import temporal_binary
 from genloop.settings import Settings
 
-log = logging.getLogger("genloop.stack")
+log = logging.getLogger("genloop.cli.stack")
 
 _PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 10.0
@@ -102,7 +102,7 @@ class Child:
             return
         try:
             await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("%s did not stop in %.0fs: killing", self.name, STOP_GRACE_S)
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -141,7 +141,7 @@ class Stack:
         return children
 
     async def start(self) -> None:
-        from persistence.migrate import upgrade
+        from migrations.apply import upgrade
 
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, GENLOOP_DATA_DIR=str(self.settings.data_dir))

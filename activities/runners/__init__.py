@@ -1,0 +1,25 @@
+"""Runners turn a goal into files. This module is the one factory: the only place that knows every
+runner. The protocol lives in `base`, each runner in a module of its own."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from activities.runners.base import Capability, Runner, RunnerState, working_file
+from activities.runners.template import TemplateRunner
+from genloop.errors import ErrorKind, GenloopError
+
+if TYPE_CHECKING:
+    from genloop.settings import Settings
+
+__all__ = ["Capability", "Runner", "RunnerState", "TemplateRunner", "build_runner", "working_file"]
+
+
+def build_runner(kind: str, settings: Settings) -> Runner:
+    if kind == "template":
+        return TemplateRunner()
+    if kind == "llm":
+        from activities.runners.llm import LLMRunner  # only deployments with a model key need it
+
+        return LLMRunner.from_settings(settings)
+    raise GenloopError(ErrorKind.INVALID_INPUT, f"unknown runner {kind!r}")

@@ -1,0 +1,96 @@
+"""The worker assembly: the workflows and activities one genloop worker runs, and `genloop worker`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.build import BuildActivities
+from activities.runners import build_runner
+from activities.sandbox import SandboxClient, SandboxConfig, close_sdk_transports
+from activities.sweep import sweep_orphans
+from genloop.settings import Settings
+from genloop.temporal import connect
+from persistence.repository import JobRepository
+from workflows.build import BuildWorkflow
+
+log = logging.getLogger("genloop.worker")
+
+
+def build_worker(
+    client: Client,
+    settings: Settings,
+    activities: list[Any],
+    *,
+    task_queue: str | None = None,
+    **overrides: Any,
+) -> Worker:
+    options: dict[str, Any] = dict(
+        task_queue=task_queue or settings.temporal.task_queue,
+        workflows=[BuildWorkflow],
+        activities=activities,
+        max_concurrent_activities=settings.worker.max_concurrent_activities,
+        max_concurrent_local_activities=settings.worker.max_concurrent_local_activities,
+        max_concurrent_workflow_tasks=settings.worker.max_concurrent_workflow_tasks,
+        graceful_shutdown_timeout=timedelta(seconds=10),
+    )
+    options.update(overrides)
+    return Worker(client, **options)
+
+
+def production_activities(
+    settings: Settings, repo: JobRepository, extra_runners: Mapping[str, Any] | None = None
+) -> BuildActivities:
+    """BuildActivities wired from settings: the real repository, sandbox client and runners."""
+    runners: dict[str, Any] = {name: build_runner(name, settings) for name in settings.available_runners}
+    runners.update(extra_runners or {})
+    return BuildActivities(
+        repo,
+        SandboxClient(SandboxConfig.from_settings(settings)),
+        runners,
+        app_port=settings.sandbox.app_port,
+    )
+
+
+async def run_worker(settings: Settings, extra_runners: Mapping[str, Any] | None = None) -> None:
+    """`genloop worker`: run until SIGTERM/SIGINT, then finish in-flight tasks and exit.
+    `extra_runners` lets the fault-injection suite register its runner doubles."""
+    repo = JobRepository.from_url(settings.database_url)
+    client = await connect(settings)
+    activities = production_activities(settings, repo, extra_runners)
+    worker = build_worker(client, settings, activities.all())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("worker polling task queue %s on %s", settings.temporal.task_queue, settings.temporal.target)
+    sweeper = asyncio.create_task(_sweep_periodically(settings, activities, client))
+    try:
+        async with worker:
+            await stop.wait()
+            log.info("shutting down: finishing in-flight tasks")
+    finally:
+        sweeper.cancel()
+        await repo.aclose()
+        await close_sdk_transports()
+
+
+async def _sweep_periodically(settings: Settings, activities: BuildActivities, client: Client) -> None:
+    interval = settings.worker.sweep_interval_s
+    if not interval:
+        return
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            report = await sweep_orphans(activities.sandboxes, activities.repo, client)
+            if report.killed:
+                log.info("orphan sweep killed %d sandboxes", len(report.killed))
+        except Exception:  # noqa: BLE001 - a failed sweep must not take the worker down
+            log.exception("orphan sweep failed; retrying in %.0fs", interval)
