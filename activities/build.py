@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import json
 import logging
 import time
@@ -15,8 +14,8 @@ from typing import Any, TypeVar
 from e2b import CommandExitException
 from temporalio import activity
 
-from activities.files import validate_working_files
-from activities.runners import Runner
+from activities.edits import FileSet, apply_changes, digest_of
+from activities.runners import Capability, Runner, RunnerResult, RunnerTask
 from activities.sandbox import SandboxClient, classify_sandbox_error
 from genloop.errors import ErrorKind, GenloopError, to_application_error
 from genloop.http import preview_client
@@ -80,15 +79,16 @@ def _failures_as_application_errors(fn: Callable[..., Awaitable[T]]) -> Callable
     return wrapper
 
 
-async def _heartbeating(awaitable: Awaitable[T], details: str) -> T:
-    """Await while heartbeating, so cancellation reaches long work and a dead worker is noticed."""
+async def _heartbeating(awaitable: Awaitable[T], details: str | Callable[[], str]) -> T:
+    """Await while heartbeating, so cancellation reaches long work and a dead worker is noticed.
+    `details` may be a callable giving the latest progress message."""
     task = asyncio.ensure_future(awaitable)
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_EVERY_S)
             if done:
                 return task.result()
-            activity.heartbeat(details)
+            activity.heartbeat(details() if callable(details) else details)
     except asyncio.CancelledError:
         task.cancel()
         raise
@@ -195,31 +195,39 @@ class BuildActivities:
     @activity.defn(name="generate_code")
     @_failures_as_application_errors
     async def generate_code(self, state: ScaffoldState) -> CodeResult:
-        runner = self.runners.get(state.runner)
+        runner = self._runner(state.runner)
+        result = await self._run_runner(runner, RunnerTask(kind=Capability.NEW_APP, goal=state.goal))
+        files = apply_changes({}, result.files, result.deleted)
+        return await self._store_files(files)
+
+    def _runner(self, name: str) -> Runner:
+        runner = self.runners.get(name)
         if runner is None:
-            raise GenloopError(ErrorKind.INVALID_INPUT, f"unknown runner {state.runner!r}")
-        runner_state = {
-            "session_id": state.session_id,
-            "project_path": state.project_path,
-            "project_id": state.project_id,
-            "goal": state.goal,
-        }
+            raise GenloopError(ErrorKind.INVALID_INPUT, f"unknown runner {name!r}")
+        return runner
+
+    async def _run_runner(self, runner: Runner, task: RunnerTask) -> RunnerResult:
+        """Run a runner while heartbeating its latest progress message."""
+        latest = ["runner"]
+
+        def progress(message: str) -> None:
+            latest[0] = message
+
         try:
-            final_state = await _heartbeating(runner.run(runner_state), "runner")
+            return await _heartbeating(runner.run(task, progress), lambda: latest[0])
         except (GenloopError, asyncio.CancelledError):
             raise
         except Exception as exc:  # noqa: BLE001 - a runner bug is permanent for this build
             raise GenloopError(ErrorKind.RUNNER_FAILED, f"{type(exc).__name__}: {exc}") from exc
-        files = validate_working_files(final_state.get("working_files"))
+
+    async def _store_files(self, files: FileSet) -> CodeResult:
         # Claim check: contents go to the blob store; the history carries the manifest only.
-        digests = await self.repo.put_blobs([f.content for f in files])
+        digests = await self.repo.put_blobs(list(files.values()))
         manifest = [
-            FileManifestEntry(path=f.path, digest=d, size=len(f.content), change_type=f.change_type)
-            for f, d in zip(files, digests)
+            FileManifestEntry(path=path, digest=digest, size=len(content))
+            for (path, content), digest in zip(files.items(), digests, strict=True)
         ]
-        manifest_digest = hashlib.sha256(
-            json.dumps([[m.path, m.digest] for m in manifest]).encode()
-        ).hexdigest()
+        manifest_digest = digest_of(json.dumps([[m.path, m.digest] for m in manifest]).encode())
         return CodeResult(files=manifest, manifest_digest=manifest_digest, total_bytes=sum(m.size for m in manifest))
 
     # --- DEPS ---

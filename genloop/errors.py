@@ -28,6 +28,7 @@ class ErrorKind(str, Enum):
     DEPENDENCY_INSTALL_FAILED = "DependencyInstallFailed"
     SANDBOX_GONE = "SandboxGone"
     RUNNER_FAILED = "RunnerFailed"
+    BUDGET_REACHED = "BudgetReached"  # the build's model-token budget is spent
     ILLEGAL_TRANSITION = "IllegalTransition"
     NOT_FOUND = "NotFound"
     CONFLICT = "Conflict"
@@ -56,6 +57,7 @@ _FRIENDLY = {
     ErrorKind.APP_CHECK_FAILED: "The generated app did not start correctly. Please try again.",
     ErrorKind.DEPENDENCY_INSTALL_FAILED: "The app's dependencies could not be installed. Please try again.",
     ErrorKind.RUNNER_FAILED: "We could not generate code for this request. Please try again.",
+    ErrorKind.BUDGET_REACHED: "This build reached its token budget before the app was finished.",
     ErrorKind.INVALID_INPUT: "The request could not be processed. Please check it and try again.",
 }
 
@@ -76,12 +78,17 @@ PERMANENT_ERROR_TYPES = tuple(k.value for k in ErrorKind if not k.transient)
 
 
 class GenloopError(Exception):
-    """An error of a known kind. `detail` is internal (support and logs), never shown to users."""
+    """An error of a known kind. `detail` is internal (support and logs), never shown to users.
+    `retry_after_s`: for transient kinds, how long the other side asked us to wait (Retry-After)."""
 
-    def __init__(self, kind: ErrorKind, detail: str = "") -> None:
+    def __init__(self, kind: ErrorKind, detail: str = "", *, retry_after_s: float | None = None) -> None:
         super().__init__(f"{kind.value}: {detail}" if detail else kind.value)
         self.kind = kind
         self.detail = detail
+        self.retry_after_s = retry_after_s
+
+    def __repr__(self) -> str:
+        return f"GenloopError({self.kind.value}, {self.detail!r})"
 
     @property
     def friendly(self) -> str:
@@ -90,11 +97,16 @@ class GenloopError(Exception):
 
 def to_application_error(err: GenloopError):
     # Imported lazily so this module stays importable where temporalio is not wanted.
+    from datetime import timedelta
+
     from temporalio.exceptions import ApplicationError
 
+    # A provider's Retry-After overrides the retry policy's backoff for this one retry.
+    delay = timedelta(seconds=err.retry_after_s) if err.retry_after_s and err.kind.transient else None
     return ApplicationError(
         err.detail or err.kind.value,
         {"kind": err.kind.value, "friendly": err.friendly},
         type=err.kind.value,
         non_retryable=not err.kind.transient,
+        next_retry_delay=delay,
     )

@@ -5,14 +5,26 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from activities.runners.base import Capability, Runner, RunnerState, working_file
+from activities.runners.base import (
+    Capability,
+    Failure,
+    Progress,
+    Runner,
+    RunnerResult,
+    RunnerTask,
+    Usage,
+    no_progress,
+)
 from activities.runners.template import TemplateRunner
 from genloop.errors import ErrorKind, GenloopError
 
 if TYPE_CHECKING:
     from genloop.settings import Settings
 
-__all__ = ["Capability", "Runner", "RunnerState", "TemplateRunner", "build_runner", "working_file"]
+__all__ = [
+    "Capability", "Failure", "Progress", "Runner", "RunnerResult", "RunnerTask", "TemplateRunner", "Usage",
+    "build_runner", "no_progress",
+]
 
 
 def build_runner(kind: str, settings: Settings) -> Runner:

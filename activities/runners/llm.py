@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import httpx
 
-from activities.runners.base import Capability, RunnerState, working_file
+from activities.runners.base import Capability, Progress, RunnerResult, RunnerTask
 from genloop.errors import ErrorKind, GenloopError
 from genloop.settings import Settings
 
@@ -51,10 +51,10 @@ class LLMRunner:
     def __repr__(self) -> str:  # never show the key
         return f"LLMRunner(base_url={self._base_url!r}, model={self._model!r})"
 
-    async def run(self, state: RunnerState) -> RunnerState:
-        text = await self._complete(f"Build this app: {state.get('goal', '')}")
+    async def run(self, task: RunnerTask, progress: Progress) -> RunnerResult:
+        text = await self._complete(f"Build this app: {task.goal}")
         files = parse_files(text)
-        return {**state, "working_files": {f["path"]: working_file(f["path"], f["content"]) for f in files}}
+        return RunnerResult(files={f["path"]: f["content"] for f in files})
 
     async def _complete(self, prompt: str) -> str:
         body = {

@@ -45,8 +45,8 @@ class SlowOnRequestRunnerDouble:
         self._fast = TemplateRunner()
         self._slow = doubles.SlowRunnerDouble(seconds=60)
 
-    async def run(self, state):
-        return await (self._slow if SLOW_MARKER in state["goal"] else self._fast).run(state)
+    async def run(self, task, progress):
+        return await (self._slow if SLOW_MARKER in task.goal else self._fast).run(task, progress)
 
 
 @dataclass

@@ -11,7 +11,7 @@ import zipfile
 
 import e2b
 
-from activities.runners import TemplateRunner, working_file
+from activities.runners import RunnerResult, RunnerTask, TemplateRunner
 from activities.sandbox import SandboxClient
 from genloop.errors import ErrorKind, GenloopError
 
@@ -23,11 +23,11 @@ class RateLimitedRunnerDouble:
         self.failures = failures
         self.calls = 0
 
-    async def run(self, state):
+    async def run(self, task: RunnerTask, progress) -> RunnerResult:
         self.calls += 1
         if self.calls <= self.failures:
             raise GenloopError(ErrorKind.RATE_LIMITED, "429 from the model provider (test double)")
-        return await TemplateRunner().run(state)
+        return await TemplateRunner().run(task, progress)
 
 
 class CrashingRunnerDouble:
@@ -36,7 +36,7 @@ class CrashingRunnerDouble:
     def __init__(self) -> None:
         self.calls = 0
 
-    async def run(self, state):
+    async def run(self, task: RunnerTask, progress) -> RunnerResult:
         self.calls += 1
         raise RuntimeError("model returned malformed output (test double)")
 
@@ -44,21 +44,19 @@ class CrashingRunnerDouble:
 class BrokenAppRunnerDouble:
     """A partial build: the files are valid but the app crashes at start-up."""
 
-    async def run(self, state):
-        state = await TemplateRunner().run(state)
-        state["working_files"]["app.py"] = working_file(
-            "app.py", "import sys\nprint('boom: missing DATABASE_URL', file=sys.stderr)\nsys.exit(3)\n"
-        )
-        return state
+    async def run(self, task: RunnerTask, progress) -> RunnerResult:
+        result = await TemplateRunner().run(task, progress)
+        result.files["app.py"] = "import sys\nprint('boom: missing DATABASE_URL', file=sys.stderr)\nsys.exit(3)\n"
+        return result
 
 
 class TraversalRunnerDouble:
     """Emits a path that escapes the workspace."""
 
-    async def run(self, state):
-        state = await TemplateRunner().run(state)
-        state["working_files"]["../../etc/evil"] = working_file("../../etc/evil", "pwned")
-        return state
+    async def run(self, task: RunnerTask, progress) -> RunnerResult:
+        result = await TemplateRunner().run(task, progress)
+        result.files["../../etc/evil"] = "pwned"
+        return result
 
 
 class SlowRunnerDouble:
@@ -69,14 +67,14 @@ class SlowRunnerDouble:
         self.started = asyncio.Event()
         self.cancelled = False
 
-    async def run(self, state):
+    async def run(self, task: RunnerTask, progress) -> RunnerResult:
         self.started.set()
         try:
             await asyncio.sleep(self.seconds)
         except asyncio.CancelledError:
             self.cancelled = True
             raise
-        return await TemplateRunner().run(state)
+        return await TemplateRunner().run(task, progress)
 
 
 class SlowStartRunnerDouble:
@@ -85,11 +83,10 @@ class SlowStartRunnerDouble:
     def __init__(self, seconds: int = 60) -> None:
         self.seconds = seconds
 
-    async def run(self, state):
-        state = await TemplateRunner().run(state)
-        app = state["working_files"]["app.py"]["new_content"]
-        state["working_files"]["app.py"] = working_file("app.py", f"import time\ntime.sleep({self.seconds})\n" + app)
-        return state
+    async def run(self, task: RunnerTask, progress) -> RunnerResult:
+        result = await TemplateRunner().run(task, progress)
+        result.files["app.py"] = f"import time\ntime.sleep({self.seconds})\n" + result.files["app.py"]
+        return result
 
 
 def _wheel(name: str, version: str, module_source: str) -> bytes:
@@ -118,16 +115,13 @@ class DependencyRunnerDouble:
 
     PACKAGE = "genloop_demo_dep"
 
-    async def run(self, state):
-        state = await TemplateRunner().run(state)
+    async def run(self, task: RunnerTask, progress) -> RunnerResult:
+        result = await TemplateRunner().run(task, progress)
         wheel_name = f"wheels/{self.PACKAGE}-1.0-py3-none-any.whl"
-        wf = state["working_files"]
-        wf[wheel_name] = {"path": wheel_name, "original_content": None, "change_type": "create",
-                          "new_content": _wheel(self.PACKAGE, "1.0", "GREETING = 'dependency installed'\n")}
-        wf["requirements.txt"] = working_file("requirements.txt", f"./{wheel_name}\n")
-        app = wf["app.py"]["new_content"]
-        wf["app.py"] = working_file("app.py", f"import {self.PACKAGE}\n" + app)
-        return state
+        result.files[wheel_name] = _wheel(self.PACKAGE, "1.0", "GREETING = 'dependency installed'\n")
+        result.files["requirements.txt"] = f"./{wheel_name}\n"
+        result.files["app.py"] = f"import {self.PACKAGE}\n" + result.files["app.py"]
+        return result
 
 
 class CreateLostResponseSandboxClient(SandboxClient):
@@ -167,13 +161,15 @@ class GatedRunnerDouble:
     def __init__(self, gate_dir: str) -> None:
         self.gate_dir = gate_dir
 
-    async def run(self, state):
+    async def run(self, task: RunnerTask, progress) -> RunnerResult:
         from pathlib import Path
 
-        gate = Path(self.gate_dir) / str(state["session_id"])
+        from temporalio import activity
+
+        gate = Path(self.gate_dir) / activity.info().workflow_id
         while _activity_attempt() == 1 and not gate.exists():
             await asyncio.sleep(0.1)
-        return await TemplateRunner().run(state)
+        return await TemplateRunner().run(task, progress)
 
 
 # A PEP 517 in-tree build backend: building the wheel sleeps on the first build in this sandbox, so
@@ -223,18 +219,16 @@ class SlowInstallRunnerDouble:
     def __init__(self, seconds: int = 600) -> None:
         self.seconds = seconds
 
-    async def run(self, state):
-        state = await TemplateRunner().run(state)
-        wf = state["working_files"]
-        wf["slowdep/pyproject.toml"] = working_file(
-            "slowdep/pyproject.toml",
+    async def run(self, task: RunnerTask, progress) -> RunnerResult:
+        result = await TemplateRunner().run(task, progress)
+        result.files["slowdep/pyproject.toml"] = (
             '[build-system]\nrequires = []\nbuild-backend = "slow_backend"\nbackend-path = ["."]\n\n'
-            f'[project]\nname = "{self.PACKAGE}"\nversion = "1.0"\n',
+            f'[project]\nname = "{self.PACKAGE}"\nversion = "1.0"\n'
         )
-        wf["slowdep/slow_backend.py"] = working_file("slowdep/slow_backend.py", _SLOW_BACKEND.format(seconds=self.seconds))
-        wf["requirements.txt"] = working_file("requirements.txt", "./slowdep\n")
-        wf["app.py"] = working_file("app.py", f"import {self.PACKAGE}\n" + wf["app.py"]["new_content"])
-        return state
+        result.files["slowdep/slow_backend.py"] = _SLOW_BACKEND.format(seconds=self.seconds)
+        result.files["requirements.txt"] = "./slowdep\n"
+        result.files["app.py"] = f"import {self.PACKAGE}\n" + result.files["app.py"]
+        return result
 
 
 class LateBindingAppRunnerDouble:
@@ -246,14 +240,13 @@ class LateBindingAppRunnerDouble:
     def __init__(self, seconds: int = 600) -> None:
         self.seconds = seconds
 
-    async def run(self, state):
-        state = await TemplateRunner().run(state)
-        app = state["working_files"]["app.py"]["new_content"]
+    async def run(self, task: RunnerTask, progress) -> RunnerResult:
+        result = await TemplateRunner().run(task, progress)
         prelude = (
             "import os, time\n"
             "if not os.path.exists('/tmp/.genloop-app-launched-once'):\n"
             "    open('/tmp/.genloop-app-launched-once', 'w').close()\n"
             f"    time.sleep({self.seconds})\n"
         )
-        state["working_files"]["app.py"] = working_file("app.py", prelude + app)
-        return state
+        result.files["app.py"] = prelude + result.files["app.py"]
+        return result

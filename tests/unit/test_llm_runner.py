@@ -13,7 +13,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from activities.files import validate_working_files
+from activities.edits import apply_changes
+from activities.runners import Capability, RunnerTask, no_progress
 from activities.runners.llm import LLMRunner, parse_files
 from genloop.errors import ErrorKind, GenloopError
 
@@ -69,9 +70,8 @@ async def fake_model():
 async def test_llm_answer_becomes_valid_working_files(fake_model):
     fake, url = await fake_model([], "```json\n" + json.dumps(APP_FILES) + "\n```")
     runner = LLMRunner(api_key=SECRET, base_url=url, model="m")
-    state = await runner.run({"goal": "a clock"})
-    files = validate_working_files(state["working_files"])
-    assert [f.path for f in files] == ["Procfile", "app.py"]
+    result = await runner.run(RunnerTask(kind=Capability.NEW_APP, goal="a clock"), no_progress)
+    assert list(apply_changes({}, result.files)) == ["Procfile", "app.py"]
     sent = fake.requests[0]
     assert sent["headers"]["x-api-key"] == SECRET and "a clock" in sent["body"]["messages"][0]["content"]
     assert SECRET not in repr(runner)
@@ -84,7 +84,7 @@ async def test_llm_answer_becomes_valid_working_files(fake_model):
 async def test_provider_errors_map_to_the_taxonomy(fake_model, status, kind):
     _, url = await fake_model([status], json.dumps(APP_FILES))
     with pytest.raises(GenloopError) as info:
-        await LLMRunner(api_key=SECRET, base_url=url, model="m").run({"goal": "x"})
+        await LLMRunner(api_key=SECRET, base_url=url, model="m").run(RunnerTask(kind=Capability.NEW_APP, goal="x"), no_progress)
     assert info.value.kind is kind and SECRET not in str(info.value)
 
 
@@ -93,7 +93,7 @@ async def test_unreachable_endpoint_is_transient():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(GenloopError) as info:
-        await LLMRunner(api_key=SECRET, base_url=f"http://127.0.0.1:{port}", model="m").run({"goal": "x"})
+        await LLMRunner(api_key=SECRET, base_url=f"http://127.0.0.1:{port}", model="m").run(RunnerTask(kind=Capability.NEW_APP, goal="x"), no_progress)
     assert info.value.kind is ErrorKind.NETWORK and info.value.kind.transient
 
 
