@@ -12,16 +12,80 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from temporalio.client import Client
 
 from api.errors import EXCEPTION_HANDLERS, ApiError, error_response
+from api.requests import is_json_media_type
 from api.feed import TransitionFeed
 from api.openapi import openapi_document
 from api.routes import ROUTES
 from api.schemas import ErrorCode, trigger_body_model
 from api.services import Services, TemporalGateway
+from genloop.http import host_allowed
 from genloop.settings import Settings, load_settings
 from persistence.repository import JobRepository
 
 # Probes and API clients must reach these without credentials; neither reveals build data.
 OPEN_PATHS = frozenset({"/healthz", "/openapi.json"})
+# What a browser says about where a request comes from; anything else is another site's page.
+_SAME_ORIGIN_FETCH = frozenset({b"same-origin", b"none"})
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
+
+
+class RequestGuard:
+    """Refuses what a hostile web page could send this loopback API.
+
+    - A Host that names neither a loopback address nor a configured public name → 421: a page on an
+      attacker's domain that rebinds its DNS to 127.0.0.1 is same-origin with this port otherwise.
+    - A POST that is not `application/json` → 415: a cross-site page can only send "simple" bodies
+      (form or text/plain) without a CORS preflight, which this API never grants.
+    - Without a configured token, a state-changing request from another site's page (a foreign
+      `Origin`, or `Sec-Fetch-Site` other than same-origin/none) → 403. With a token, BearerAuth
+      already requires a header such pages cannot set.
+    """
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self._public_hosts = tuple(settings.api.public_hosts)
+        self._check_origin = not settings.api_requires_token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = self._refusal(scope)
+        if refusal is None:
+            await self.app(scope, receive, send)
+            return
+        await error_response(*refusal)(scope, receive, send)
+
+    def _refusal(self, scope: Scope) -> tuple[int, ErrorCode, str] | None:
+        host = _header(scope, b"host")
+        if not host_allowed(host.decode("latin-1") if host else None, self._public_hosts):
+            return 421, ErrorCode.MISDIRECTED, "this server does not answer to that Host name"
+        if scope["method"] != "POST":
+            return None
+        content_type = _header(scope, b"content-type")
+        if content_type is None or not is_json_media_type(content_type.decode("latin-1")):
+            return 415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, "the body must be application/json (UTF-8)"
+        if self._check_origin and self._cross_site(scope):
+            return 403, ErrorCode.FORBIDDEN, "cross-site requests are refused"
+        return None
+
+    def _cross_site(self, scope: Scope) -> bool:
+        fetch_site = _header(scope, b"sec-fetch-site")
+        if fetch_site is not None and fetch_site.lower() not in _SAME_ORIGIN_FETCH:
+            return True
+        origin = _header(scope, b"origin")
+        if origin is None:
+            return False
+        # Same origin means this server's own scheme, Host and port, as the browser sent them.
+        host = _header(scope, b"host") or b""
+        return origin.decode("latin-1").lower() not in {f"http://{host.decode('latin-1').lower()}",
+                                                        f"https://{host.decode('latin-1').lower()}"}
 
 
 class BearerAuth:
@@ -82,7 +146,8 @@ def create_app(settings: Settings | None = None, *, client: Client | None = None
             if repo is None:
                 await repository.aclose()
 
-    middleware = []
+    # Outermost first: the Host check runs before authentication, so a rebinding page learns nothing.
+    middleware = [Middleware(RequestGuard, settings=settings)]
     if settings.api_requires_token:
         middleware.append(Middleware(BearerAuth, token=settings.api.token.get_secret_value()))
     app = Starlette(routes=ROUTES, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)

@@ -60,6 +60,7 @@ _BAD_ID = _error("`invalid_parameter`: a path parameter, query parameter or head
 
 def _body_errors(max_body_bytes: int) -> dict[str, Any]:
     return {
+        "403": _error("`forbidden`: a request from another site's page (foreign `Origin` or `Sec-Fetch-Site`)."),
         "413": _error(f"`payload_too_large`: the body is larger than {max_body_bytes} bytes."),
         "415": _error("`unsupported_media_type`: the body is not `application/json` (UTF-8)."),
         "422": _error("`validation_failed`: the JSON does not match the body schema (unknown fields included)."),
@@ -71,7 +72,11 @@ def openapi_document(*, trigger_model: type[BaseModel], auth: bool, max_body_byt
     models += [(m, "serialization") for m in RESPONSE_MODELS]
     _, defs = models_json_schema(models, by_alias=True, ref_template="#/components/schemas/{model}")
 
-    common: dict[str, Any] = {"500": _INTERNAL}
+    common: dict[str, Any] = {
+        "421": _error("`misdirected_request`: the Host header names neither a loopback address nor a configured "
+                      "public name (`api.public_hosts`)."),
+        "500": _INTERNAL,
+    }
     if auth:
         common["401"] = _error(
             "`unauthorized`: missing or wrong bearer token.",
@@ -181,7 +186,11 @@ def openapi_document(*, trigger_model: type[BaseModel], auth: bool, max_body_byt
             "post": {
                 "operationId": "cancelBuild",
                 "summary": "Ask a running build to stop; it ends `cancelled` and its sandbox is removed.",
-                "requestBody": {"required": False, "content": {_JSON: {"schema": _ref("CancelBuild")}}},
+                "requestBody": {
+                    "required": False,
+                    "description": "Optional, but every POST must be `application/json` (send `{}` for none).",
+                    "content": {_JSON: {"schema": _ref("CancelBuild")}},
+                },
                 "responses": {
                     "202": _json_response("Cancellation requested; follow the events for the outcome.", "BuildRef"),
                     "400": _error("`malformed_json` or `invalid_parameter`."),

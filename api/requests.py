@@ -69,7 +69,8 @@ def _has_body(request: Request) -> bool:
     return (length is not None and length != "0") or "transfer-encoding" in request.headers
 
 
-def _is_json(content_type: str | None) -> bool:
+def is_json_media_type(content_type: str | None) -> bool:
+    """`application/json`, optionally with a UTF-8 charset."""
     if content_type is None:
         return False
     media_type, *params = (p.strip().lower() for p in content_type.split(";"))
@@ -86,7 +87,7 @@ async def json_body(request: Request, model: type[M], max_bytes: int, *, require
     parseable, 422 parseable but not what `model` accepts. None when optional and absent."""
     if not required and not _has_body(request):
         return None
-    if not _is_json(request.headers.get("content-type")):
+    if not is_json_media_type(request.headers.get("content-type")):
         raise ApiError(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, "the body must be application/json (UTF-8)")
     too_large = ApiError(413, ErrorCode.PAYLOAD_TOO_LARGE, f"the body must be at most {max_bytes} bytes")
     length = request.headers.get("content-length")

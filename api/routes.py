@@ -24,7 +24,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from api import requests as read
-from api.errors import ApiError
+from api.errors import UNAVAILABLE_MESSAGE, ApiError
 from api.feed import SSE_HEADERS, EventStreamResponse, encode_event
 from api.schemas import (
     IDEMPOTENCY_KEY_PATTERN,
@@ -84,8 +84,10 @@ async def trigger_build(request: Request) -> Response:
     # lookup-then-insert race between concurrent retries.
     build_id = _keyed_build_id(project_id, key) if key is not None else f"b-{uuid.uuid4().hex}"
 
-    client = await svc.temporal.client()
+    # The row first: a build the database cannot record never starts, so a 503 here hides nothing.
+    job = await svc.repo.create_job(build_id, project_id, goal, workflow_id=build_id)
     try:
+        client = await svc.temporal.client()
         handle = await client.start_workflow(
             WORKFLOW_NAME,
             BuildRequest(build_id=build_id, project_id=project_id, goal=goal, runner=runner),
@@ -104,16 +106,33 @@ async def trigger_build(request: Request) -> Response:
         run_id = handle.result_run_id
     except WorkflowAlreadyStartedError as exc:  # the keyed build ran and closed already
         run_id = exc.run_id
+    except (ApiError, RPCError) as exc:
+        if key is None:
+            await _abandon(svc, build_id, exc)
+        raise  # 503 (or 500): a keyed client retries with its key and gets this same build
     if key is not None:
         description = await client.get_workflow_handle(build_id, run_id=run_id).describe(rpc_timeout=TEMPORAL_RPC_TIMEOUT)
         if await description.memo_value(REQUEST_DIGEST_MEMO, None) != digest:
             raise ApiError(409, ErrorCode.CONFLICT, "this Idempotency-Key was already used with a different request body")
-
-    # The workflow exists now, so the row never describes a build that will not run. (It also
-    # creates the row itself, idempotently, when it starts.)
-    job = await svc.repo.create_job(build_id, project_id, goal, workflow_id=build_id, run_id=run_id)
+    job.run_id = job.run_id or run_id  # for the links; the workflow records it itself at STARTING
     ref = BuildRef(build_id=job.id, project_id=job.project_id, status=job.stage, links=_links(svc, job))
     return _json(ref, 202, headers={"Location": ref.links.self_})
+
+
+async def _abandon(svc: Services, build_id: str, cause: BaseException) -> None:
+    """The workflow could not be started and no client can name this build again: close its row.
+    Should the start have happened after all (an answer lost in transit), that run fails at STARTING
+    against the closed row instead of running unseen."""
+    try:
+        await svc.repo.transition(
+            build_id,
+            Stage.FAILED,
+            message=UNAVAILABLE_MESSAGE,
+            error_message=UNAVAILABLE_MESSAGE,
+            error_detail=f"workflow start failed: {type(cause).__name__}: {cause}",
+        )
+    except GenloopError as err:
+        log.warning("could not close build %s after a failed start: %s", build_id, err)
 
 
 async def get_build(request: Request) -> Response:

@@ -165,6 +165,8 @@ class ErrorCode(str, Enum):
     INVALID_PARAMETER = "invalid_parameter"
     VALIDATION_FAILED = "validation_failed"
     UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
+    MISDIRECTED = "misdirected_request"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     CONFLICT = "conflict"

@@ -7,7 +7,9 @@ as the URL had it, which is what the sandbox host routes previews by.
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
+from collections.abc import Iterable
 from functools import cache
 from typing import Any
 
@@ -23,6 +25,38 @@ def _tls_context() -> ssl.SSLContext:
 def is_localhost_name(host: str) -> bool:
     host = host.rstrip(".").lower()
     return host == "localhost" or host.endswith(".localhost")
+
+
+def host_name(host_header: str) -> str:
+    """The name in a Host header, without port, brackets or trailing dot, lower-cased."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else ""
+    name, sep, port = host.rpartition(":")
+    if sep and port.isdigit():
+        host = name
+    return host.rstrip(".")
+
+
+def is_loopback_name(name: str) -> bool:
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def host_allowed(host_header: str | None, public_hosts: Iterable[str] = (), *, localhost_subdomains: bool = False) -> bool:
+    """Whether a request's Host names this server: a loopback name or address, one of the
+    configured public names, or (for a preview router) any `*.localhost` name. A DNS-rebinding page
+    reaches a loopback port under its own domain, so its requests fail this check."""
+    if not host_header:
+        return False
+    name = host_name(host_header)
+    if is_loopback_name(name) or name in {host_name(h) for h in public_hosts}:
+        return True
+    return localhost_subdomains and is_localhost_name(name)
 
 
 class LoopbackTransport(httpx.AsyncBaseTransport):

@@ -7,7 +7,6 @@ repository root), then the defaults below. Bad values raise ConfigError with the
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -15,6 +14,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from genloop.http import is_loopback_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_FILE = REPO_ROOT / "temporal-dev.yaml"
@@ -111,6 +112,9 @@ class ApiSettings(_Section):
     port: int = Field(8000, ge=0, le=65535)
     token: SecretStr = SecretStr("")
     max_body_bytes: int = Field(65536, ge=1024)
+    # Host names (besides loopback ones) the API answers to, e.g. "genloop.example.com"; any other
+    # Host header is refused (421), which defeats DNS rebinding.
+    public_hosts: list[str] = Field(default_factory=list)
 
 
 class RunnerSettings(_Section):
@@ -174,7 +178,7 @@ class Settings(_Section):
         return bool(self.api.token.get_secret_value())
 
     def check_api_binding(self) -> None:
-        if not self.api_requires_token and not _is_loopback(self.api.host):
+        if not self.api_requires_token and not is_loopback_name(self.api.host):
             raise ConfigError(
                 f"api.host={self.api.host!r} is not a loopback address and GENLOOP_API_TOKEN is not set: "
                 "refusing to serve builds to the network without authentication"
@@ -191,15 +195,6 @@ _STANDARD_ENV = {
     "GENLOOP_DATABASE_URL": ("database", "url"),
     "GENLOOP_LLM_API_KEY": ("runner", "llm_api_key"),
 }
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _env_overrides(environ: dict[str, str], raw: dict[str, Any]) -> dict[str, Any]:

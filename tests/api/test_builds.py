@@ -97,7 +97,7 @@ async def follow_with_cancel(http, build_id: str, *, last_event_id: int) -> list
         async for event in read_events(response):
             events.append(event)
             if event.data["stage"] == "code":
-                assert (await http.post(f"/v1/builds/{build_id}/cancel")).status_code == 202
+                assert (await http.post(f"/v1/builds/{build_id}/cancel", json={})).status_code == 202
     return events
 
 
@@ -115,9 +115,9 @@ async def test_cancel_a_running_build(http):
     build = (await http.get(f"/v1/builds/{build_id}")).json()
     assert build["stage"] == "cancelled" and [h["stage"] for h in build["history"]][-1] == "cancelled"
 
-    again = await http.post(f"/v1/builds/{build_id}/cancel")
+    again = await http.post(f"/v1/builds/{build_id}/cancel", json={})
     assert again.status_code == 409 and again.json()["error"]["code"] == "conflict"
-    missing = await http.post("/v1/builds/b-does-not-exist/cancel")
+    missing = await http.post("/v1/builds/b-does-not-exist/cancel", json={})
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
 
 

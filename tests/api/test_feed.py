@@ -142,7 +142,7 @@ async def test_client_disconnect_over_http_cleans_up(tmp_path, temporal_client, 
             assert feed.subscriber_count == 1
         await _until(lambda: feed.subscriber_count == 0 and not feed.polling)
 
-        assert (await http.post(f"/v1/builds/{build_id}/cancel")).status_code == 202
+        assert (await http.post(f"/v1/builds/{build_id}/cancel", json={})).status_code == 202
 
 
 class ExplodingRepository:

@@ -57,7 +57,9 @@ MATRIX = [
     pytest.param("GET", f"{BUILDS}?limit=1&limit=2", {}, None, 400, "invalid_parameter", id="limit-twice"),
     pytest.param("GET", f"{BUILDS}?page=2", {}, None, 400, "invalid_parameter", id="unknown-query-param"),
     pytest.param("GET", f"{BUILDS}?cursor=no.pe", {}, None, 400, "invalid_parameter", id="bad-cursor"),
-    pytest.param("POST", "/v1/builds/b-unknown/cancel", {}, None, 404, "not_found", id="cancel-unknown"),
+    pytest.param("POST", "/v1/builds/b-unknown/cancel", JSON, None, 404, "not_found", id="cancel-unknown"),
+    pytest.param("POST", "/v1/builds/b-unknown/cancel", {}, None, 415, "unsupported_media_type",
+                 id="cancel-without-content-type"),
 ]
 
 
@@ -196,7 +198,7 @@ async def test_refuses_to_serve_the_network_without_a_token(tmp_path):
 
 
 @SQLITE_ONLY
-async def test_temporal_down_means_503_and_nothing_written(tmp_path, worker, migrated_db_url):
+async def test_temporal_down_means_503_and_nothing_runs(tmp_path, worker, migrated_db_url):
     project_id = new_project()
     async with running_api(
         tmp_path, token=None, TEMPORAL_ADDRESS=f"127.0.0.1:{free_port()}", GENLOOP_DATABASE_URL=migrated_db_url
@@ -209,7 +211,10 @@ async def test_temporal_down_means_503_and_nothing_written(tmp_path, worker, mig
         health = await client.get("/healthz")
         assert health.status_code == 503
         assert health.json()["components"] == {"database": {"status": "ok"}, "temporal": {"status": "unavailable"}}
-    assert await worker.repo.list_jobs(project_id) == []
+    # The row written before the start is closed, so nothing lingers as queued and a start that
+    # happened after all would fail at STARTING instead of running unseen.
+    [job] = await worker.repo.list_jobs(project_id)
+    assert job.status == "failed" and job.error_message == response.json()["error"]["message"]
 
 
 async def test_database_down_means_503(tmp_path, temporal_env):
