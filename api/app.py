@@ -12,9 +12,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from temporalio.client import Client
 
 from api.errors import EXCEPTION_HANDLERS, ApiError, error_response
-from api.requests import is_json_media_type
 from api.feed import TransitionFeed
 from api.openapi import openapi_document
+from api.requests import is_json_media_type
 from api.routes import ROUTES
 from api.schemas import ErrorCode, trigger_body_model
 from api.services import Services, TemporalGateway
