@@ -3,34 +3,43 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import e2b
 from e2b import CommandExitException
 from temporalio import activity
 
-from activities.edits import FileSet, apply_changes, digest_of
-from activities.runners import Capability, Runner, RunnerResult, RunnerTask
+from activities.edits import FileSet, apply_changes, digest_of, text_files
+from activities.runners import Capability, Failure, Runner, RunnerResult, RunnerTask
 from activities.sandbox import SandboxClient, classify_sandbox_error
-from genloop.errors import ErrorKind, GenloopError, to_application_error
+from genloop.errors import ErrorKind, GenloopError, redact_secrets, to_application_error
 from genloop.http import preview_client
 from persistence.repository import JobRepository
 from workflows.stages import Stage
 from workflows.types import (
+    AttemptInput,
     ChecksResult,
+    CodeRequest,
     CodeResult,
     FileManifestEntry,
     FinishInput,
     FinishResult,
     KillSandboxInput,
+    PrepareChangeInput,
+    PreparedChange,
     SandboxInfo,
     SandboxInput,
     ScaffoldState,
+    SyncFilesInput,
+    SyncFilesResult,
     TransitionInput,
 )
 
@@ -39,12 +48,15 @@ log = logging.getLogger("genloop.activities")
 T = TypeVar("T")
 
 HEARTBEAT_EVERY_S = 2.0
+STATUS_EVERY_S = 2.0  # how often a runner's progress reaches the build's status message
 INSTALL_TIMEOUT_S = 900
 HEALTH_DEADLINE_S = 60.0
 HEALTH_POLL_S = 0.025  # loopback probes are cheap; this bounds time-to-preview
-STDERR_TAIL_CHARS = 2000
+FAILURE_TAIL_CHARS = 8000  # what the fix loop may show the runner of a failing command's output
+DETAIL_TAIL_CHARS = 2000  # what error_detail keeps of it
 APP_PIDFILE = ".genloop-app.pid"
 INSTALL_PIDFILE = ".genloop-install.pid"
+DEPENDENCY_MANIFESTS = frozenset({"requirements.txt", "package.json", "package-lock.json"})
 
 # Output fragments that mean "the network failed", not "the dependency is wrong": retry those.
 _NETWORK_MARKERS = (
@@ -79,16 +91,15 @@ def _failures_as_application_errors(fn: Callable[..., Awaitable[T]]) -> Callable
     return wrapper
 
 
-async def _heartbeating(awaitable: Awaitable[T], details: str | Callable[[], str]) -> T:
-    """Await while heartbeating, so cancellation reaches long work and a dead worker is noticed.
-    `details` may be a callable giving the latest progress message."""
+async def _heartbeating(awaitable: Awaitable[T], details: str) -> T:
+    """Await while heartbeating, so cancellation reaches long work and a dead worker is noticed."""
     task = asyncio.ensure_future(awaitable)
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_EVERY_S)
             if done:
                 return task.result()
-            activity.heartbeat(details() if callable(details) else details)
+            activity.heartbeat(details)
     except asyncio.CancelledError:
         task.cancel()
         raise
@@ -98,9 +109,25 @@ def _parse_at(at: str) -> datetime:
     return datetime.fromisoformat(at) if at else datetime.now(UTC)
 
 
-def _tail(text: str | None, limit: int = STDERR_TAIL_CHARS) -> str:
+def _tail(text: str | None, limit: int = DETAIL_TAIL_CHARS) -> str:
     text = (text or "").strip()
     return text[-limit:]
+
+
+_VOLATILE = re.compile(r"0x[0-9a-f]+|[0-9]+|/tmp/[^\s'\"]+")
+
+
+def failure_digest(output: str) -> str:
+    """The same failure twice has the same digest, whatever pids, ports, addresses or times it names."""
+    normalised = " ".join(_VOLATILE.sub("#", output.lower()).split())
+    return digest_of(normalised.encode())[:16]
+
+
+def app_failure(stage: Stage, command: str, exit_code: int | None, output: str) -> dict[str, Any]:
+    """What the fix loop may tell the runner about a failing command: its tail, redacted."""
+    tail = redact_secrets(_tail(output, FAILURE_TAIL_CHARS))
+    return {"stage": stage.value, "command": command, "exit_code": exit_code, "output": tail,
+            "digest": failure_digest(tail)}
 
 
 class BuildActivities:
@@ -112,19 +139,26 @@ class BuildActivities:
         *,
         app_port: int = 8080,
         health_deadline_s: float = HEALTH_DEADLINE_S,
+        fix_attempts: int = 0,
+        token_budget: int = 0,
     ) -> None:
         self.repo = repo
         self.sandboxes = sandboxes
         self.runners = runners
         self.app_port = app_port
         self.health_deadline_s = health_deadline_s
+        self.fix_attempts = fix_attempts  # runner.fix_attempts: repairs a runner that can fix may try
+        self.token_budget = token_budget  # runner.max_tokens_per_build; 0: no limit
 
     def all(self) -> list[Callable[..., Any]]:
         return [
             self.record_transition,
+            self.record_attempt,
             self.create_initial_state,
+            self.prepare_change,
             self.generate_code,
             self.provision_sandbox,
+            self.sync_sandbox_files,
             self.install_dependencies,
             self.start_and_check,
             self.finish_build,
@@ -166,6 +200,20 @@ class BuildActivities:
             return False
         return inp.stage in {t.stage for t in await self.repo.list_transitions(inp.build_id)}
 
+    @activity.defn(name="record_attempt")
+    @_failures_as_application_errors
+    async def record_attempt(self, inp: AttemptInput) -> None:
+        await self.repo.record_attempt(
+            inp.build_id,
+            attempt=inp.attempt,
+            stage=inp.failure.stage,
+            command=inp.failure.command,
+            exit_code=inp.failure.exit_code,
+            output=inp.failure.output,
+            max_attempts=inp.max_attempts,
+            at=_parse_at(inp.at),
+        )
+
     @activity.defn(name="finish_build")
     @_failures_as_application_errors
     async def finish_build(self, inp: FinishInput) -> FinishResult:
@@ -184,21 +232,101 @@ class BuildActivities:
     @activity.defn(name="create_initial_state")
     @_failures_as_application_errors
     async def create_initial_state(self, state: ScaffoldState) -> ScaffoldState:
-        if state.runner not in self.runners:
-            raise GenloopError(ErrorKind.INVALID_INPUT, f"unknown runner {state.runner!r}")
+        runner = self._runner(state.runner)
         if not state.goal.strip():
             raise GenloopError(ErrorKind.INVALID_INPUT, "empty goal")
+        return self._allowances(state, runner)
+
+    def _allowances(self, state: ScaffoldState, runner: Runner) -> ScaffoldState:
+        can_fix = Capability.FIX in getattr(runner, "capabilities", frozenset())
+        state.can_fix = can_fix
+        state.fix_attempts = self.fix_attempts if can_fix else 0
+        state.token_budget = self.token_budget
         return state
+
+    @activity.defn(name="prepare_change")
+    @_failures_as_application_errors
+    async def prepare_change(self, inp: PrepareChangeInput) -> PreparedChange:
+        """SCAFFOLD of a change: find its base (the named build, else the project's newest READY
+        version), record the lineage, and apply the explicit edits to the base's files."""
+        job = await self.repo.get(inp.build_id)
+        if job is None:
+            raise GenloopError(ErrorKind.NOT_FOUND, f"build {inp.build_id} not found")
+        base = await self._base(inp)
+        base_files = await self.repo.get_files(base.id)
+        if not base_files:
+            raise GenloopError(ErrorKind.CONFLICT, f"base {base.id} has no files to build on")
+        contents = await self.repo.get_blobs([f.digest for f in base_files])
+        current = {f.path: contents[f.digest] for f in base_files}
+        writes: dict[str, str | bytes] = {}
+        if inp.edits:
+            edit_blobs = await self.repo.get_blobs([e.digest for e in inp.edits if e.digest])
+            writes = {e.path: edit_blobs[e.digest] for e in inp.edits if not e.delete and e.digest}
+        deletes = [e.path for e in inp.edits if e.delete]
+        files = apply_changes(current, writes, deletes, kind=ErrorKind.INVALID_INPUT, strict_deletes=True)
+        await self.repo.set_lineage(
+            inp.build_id, goal=base.goal, base_build_id=base.id, base_version=base.build_version, note=inp.note
+        )
+        code = await self._store_files(inp.build_id, files)
+        scaffold = self._allowances(
+            ScaffoldState(session_id=inp.build_id, project_path="", goal=base.goal, project_id=inp.project_id,
+                          runner=job.runner or "template"),
+            self._runner(job.runner or "template"),
+        )
+        return PreparedChange(
+            goal=base.goal, base_build_id=base.id, base_version=base.build_version, code=code, scaffold=scaffold
+        )
+
+    async def _base(self, inp: PrepareChangeInput):
+        if inp.base_build_id:
+            base = await self.repo.get(inp.base_build_id)
+            if base is None or base.project_id != inp.project_id:
+                raise GenloopError(ErrorKind.NOT_FOUND, f"base {inp.base_build_id} is not a build of {inp.project_id}")
+            return base
+        base = await self.repo.newest_ready(inp.project_id)
+        if base is None:
+            raise GenloopError(ErrorKind.CONFLICT, f"project {inp.project_id} has no READY version to change")
+        return base
 
     # --- CODE ---
 
     @activity.defn(name="generate_code")
     @_failures_as_application_errors
-    async def generate_code(self, state: ScaffoldState) -> CodeResult:
-        runner = self._runner(state.runner)
-        result = await self._run_runner(runner, RunnerTask(kind=Capability.NEW_APP, goal=state.goal))
-        files = apply_changes({}, result.files, result.deleted)
-        return await self._store_files(files)
+    async def generate_code(self, req: CodeRequest) -> CodeResult:
+        runner = self._runner(req.runner)
+        kind = Capability(req.kind)
+        if kind not in getattr(runner, "capabilities", frozenset()):
+            raise GenloopError(ErrorKind.INVALID_INPUT, f"runner {req.runner!r} cannot do {kind.value}")
+        current: FileSet = {}
+        if req.files:
+            blobs = await self.repo.get_blobs([f.digest for f in req.files])
+            current = {f.path: blobs[f.digest] for f in req.files}
+        text, binary = text_files(current)
+        task = RunnerTask(
+            kind=kind,
+            goal=req.goal,
+            stack=req.stack,
+            files=text,
+            binary_files=binary,
+            change=req.change,
+            failure=Failure(req.failure.stage, req.failure.command, req.failure.exit_code, req.failure.output)
+            if req.failure is not None
+            else None,
+            token_budget=req.token_budget,
+        )
+        result = await self._run_runner(req.build_id, runner, task)
+        usage = result.usage
+        if usage.calls:
+            await self.repo.add_usage(req.build_id, tokens_in=usage.input_tokens, tokens_out=usage.output_tokens,
+                                      calls=usage.calls, model=usage.model)
+        if result.empty and kind is not Capability.NEW_APP:
+            code = _manifest_result(req.files)
+            code.changed, code.tokens_used, code.summary = False, usage.total_tokens, result.summary
+            return code
+        files = apply_changes(current, result.files, result.deleted)
+        code = await self._store_files(req.build_id, files)
+        code.tokens_used, code.summary = usage.total_tokens, result.summary
+        return code
 
     def _runner(self, name: str) -> Runner:
         runner = self.runners.get(name)
@@ -206,29 +334,41 @@ class BuildActivities:
             raise GenloopError(ErrorKind.INVALID_INPUT, f"unknown runner {name!r}")
         return runner
 
-    async def _run_runner(self, runner: Runner, task: RunnerTask) -> RunnerResult:
-        """Run a runner while heartbeating its latest progress message."""
+    async def _run_runner(self, build_id: str, runner: Runner, task: RunnerTask) -> RunnerResult:
+        """Run a runner while heartbeating its latest progress message, which also becomes the
+        build's status message (at most every STATUS_EVERY_S)."""
         latest = ["runner"]
 
         def progress(message: str) -> None:
             latest[0] = message
 
+        work = asyncio.ensure_future(runner.run(task, progress))
+        shown, shown_at = "", 0.0
         try:
-            return await _heartbeating(runner.run(task, progress), lambda: latest[0])
+            while True:
+                done, _ = await asyncio.wait({work}, timeout=HEARTBEAT_EVERY_S)
+                if done:
+                    return work.result()
+                activity.heartbeat(latest[0])
+                if latest[0] != shown and time.monotonic() - shown_at >= STATUS_EVERY_S:
+                    shown, shown_at = latest[0], time.monotonic()
+                    await self.repo.set_status_message(build_id, shown)
         except (GenloopError, asyncio.CancelledError):
+            work.cancel()
             raise
         except Exception as exc:  # noqa: BLE001 - a runner bug is permanent for this build
             raise GenloopError(ErrorKind.RUNNER_FAILED, f"{type(exc).__name__}: {exc}") from exc
 
-    async def _store_files(self, files: FileSet) -> CodeResult:
-        # Claim check: contents go to the blob store; the history carries the manifest only.
+    async def _store_files(self, build_id: str, files: FileSet) -> CodeResult:
+        # Claim check: contents go to the blob store; the history carries the manifest only. The
+        # build's file list is recorded too, so its files can be read and built on later.
         digests = await self.repo.put_blobs(list(files.values()))
         manifest = [
             FileManifestEntry(path=path, digest=digest, size=len(content))
             for (path, content), digest in zip(files.items(), digests, strict=True)
         ]
-        manifest_digest = digest_of(json.dumps([[m.path, m.digest] for m in manifest]).encode())
-        return CodeResult(files=manifest, manifest_digest=manifest_digest, total_bytes=sum(m.size for m in manifest))
+        await self.repo.set_files(build_id, [(m.path, m.digest, m.size) for m in manifest])
+        return _manifest_result(manifest)
 
     # --- DEPS ---
 
@@ -245,6 +385,27 @@ class BuildActivities:
             await _heartbeating(sandbox.files.write_files(entries), "writing files")
         activity.logger.info("sandbox %s ready for build %s (%d files)", sandbox.sandbox_id, inp.build_id, len(entries))
         return SandboxInfo(sandbox_id=sandbox.sandbox_id, workspace_path=inp.workspace_path)
+
+    @activity.defn(name="sync_sandbox_files")
+    @_failures_as_application_errors
+    async def sync_sandbox_files(self, inp: SyncFilesInput) -> SyncFilesResult:
+        """A fix attempt's files into the sandbox the build already has: write what changed, delete
+        what went away. Idempotent: a retry writes the same contents and deletes nothing twice."""
+        old = {f.path: f.digest for f in inp.old_files}
+        new = {f.path: f.digest for f in inp.new_files}
+        changed = [f for f in inp.new_files if old.get(f.path) != f.digest]
+        removed = sorted(set(old) - set(new))
+        sandbox = await self.sandboxes.connect(inp.sandbox_id)
+        if changed:
+            blobs = await self.repo.get_blobs([f.digest for f in changed])
+            entries = [{"path": f"{inp.workspace_path}/{f.path}", "data": blobs[f.digest]} for f in changed]
+            await _heartbeating(sandbox.files.write_files(entries), "writing the fixed files")
+        for path in removed:
+            await sandbox.files.remove(f"{inp.workspace_path}/{path}")
+        touched = {f.path for f in changed} | set(removed)
+        return SyncFilesResult(
+            written=len(changed), deleted=len(removed), dependencies_changed=bool(touched & DEPENDENCY_MANIFESTS)
+        )
 
     @activity.defn(name="install_dependencies")
     @_failures_as_application_errors
@@ -271,8 +432,13 @@ class BuildActivities:
             )
         except CommandExitException as exc:
             output = f"{exc.stderr or ''}\n{exc.stdout or ''}"
-            kind = ErrorKind.NETWORK if any(m in output for m in _NETWORK_MARKERS) else ErrorKind.DEPENDENCY_INSTALL_FAILED
-            raise GenloopError(kind, f"{what} install exited {exc.exit_code}: {_tail(output)}") from None
+            if any(m in output for m in _NETWORK_MARKERS):
+                raise GenloopError(ErrorKind.NETWORK, f"{what} install exited {exc.exit_code}: {_tail(output)}") from None
+            raise GenloopError(
+                ErrorKind.DEPENDENCY_INSTALL_FAILED,
+                f"{what} install exited {exc.exit_code}: {_tail(output)}",
+                failure=app_failure(Stage.DEPS, cmd, exc.exit_code, output),
+            ) from None
         return what
 
     # --- CHECKS ---
@@ -285,9 +451,12 @@ class BuildActivities:
         async with preview_client(timeout=5.0) as http:
             if await _healthy(http, preview_url):  # a retried check after a successful start
                 return ChecksResult(preview_url=preview_url, port=self.app_port)
-            procfile = await sandbox.files.read(f"{inp.workspace_path}/Procfile")
+            try:
+                procfile = await sandbox.files.read(f"{inp.workspace_path}/Procfile")
+            except e2b.NotFoundException:
+                procfile = ""  # the app's mistake, not the sandbox's: the fix loop can repair it
             web_cmd = _web_command(procfile)
-            stderr: list[str] = []
+            output: list[str] = []
             # The pidfile makes a retried start replace, not race, the previous attempt's process.
             launch = (
                 f"[ -f {APP_PIDFILE} ] && kill $(cat {APP_PIDFILE}) 2>/dev/null; echo $$ > {APP_PIDFILE}; "
@@ -299,7 +468,8 @@ class BuildActivities:
                 cwd=inp.workspace_path,
                 envs={"PORT": str(self.app_port)},
                 timeout=0,  # a server: the SDK's default 60 s deadline would kill it
-                on_stderr=stderr.append,
+                on_stdout=output.append,
+                on_stderr=output.append,
             )
             exited = asyncio.ensure_future(handle.wait())
             deadline = time.monotonic() + self.health_deadline_s
@@ -315,8 +485,21 @@ class BuildActivities:
             finally:
                 if not exited.done():
                     exited.cancel()
-            reason = "exited before answering /health" if exited.done() else f"did not answer /health within {self.health_deadline_s:.0f}s"
-            raise GenloopError(ErrorKind.APP_CHECK_FAILED, f"the app {reason}. stderr tail:\n{_tail(''.join(stderr))}")
+            exit_code = _exit_code(exited)
+            reason = (
+                f"exited with code {exit_code} before answering /health"
+                if exited.done()
+                else f"did not answer /health within {self.health_deadline_s:.0f}s"
+            )
+            if not exited.done():
+                with contextlib.suppress(Exception):  # stop it, so a fix attempt starts clean
+                    await handle.kill()
+            text = "".join(output)
+            raise GenloopError(
+                ErrorKind.APP_CHECK_FAILED,
+                f"the app {reason}. output tail:\n{_tail(text)}",
+                failure=app_failure(Stage.CHECKS, web_cmd, exit_code, f"the app {reason}.\n{text}"),
+            )
 
     # --- cleanup ---
 
@@ -341,12 +524,23 @@ async def _healthy(http: Any, preview_url: str) -> bool:
         return False
 
 
+def _exit_code(exited: asyncio.Future) -> int | None:
+    """The launched command's exit code, when it has exited (a non-zero exit raises in the SDK)."""
+    if not exited.done() or exited.cancelled():
+        return None
+    exc = exited.exception()
+    if isinstance(exc, CommandExitException):
+        return exc.exit_code
+    return None if exc is not None else exited.result().exit_code
+
+
 def _web_command(procfile: str) -> str:
     for line in procfile.splitlines():
         name, sep, cmd = line.partition(":")
         if sep and name.strip() == "web" and cmd.strip():
             return cmd.strip()
-    raise GenloopError(ErrorKind.APP_CHECK_FAILED, "Procfile has no `web:` process")
+    message = "the project has no Procfile with a `web:` line naming the command that starts the app"
+    raise GenloopError(ErrorKind.APP_CHECK_FAILED, message, failure=app_failure(Stage.CHECKS, "(Procfile)", None, message))
 
 
 def _require(sandbox_id: str | None) -> str:
@@ -354,3 +548,8 @@ def _require(sandbox_id: str | None) -> str:
         raise GenloopError(ErrorKind.INVALID_INPUT, "no sandbox id")
     return sandbox_id
 
+
+
+def _manifest_result(manifest: list[FileManifestEntry]) -> CodeResult:
+    digest = digest_of(json.dumps([[m.path, m.digest] for m in manifest]).encode())
+    return CodeResult(files=list(manifest), manifest_digest=digest, total_bytes=sum(m.size for m in manifest))

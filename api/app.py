@@ -14,9 +14,9 @@ from temporalio.client import Client
 from api.errors import EXCEPTION_HANDLERS, ApiError, error_response
 from api.feed import TransitionFeed
 from api.openapi import openapi_document
-from api.requests import is_json_media_type
+from api.reading import is_json_media_type
 from api.routes import ROUTES
-from api.schemas import ErrorCode, trigger_body_model
+from api.schemas import ErrorCode, TriggerShapes
 from api.services import Services, TemporalGateway
 from genloop.http import host_allowed
 from genloop.settings import Settings, load_settings
@@ -118,10 +118,8 @@ def create_app(settings: Settings | None = None, *, client: Client | None = None
     """`client` and `repo`, when given, are the caller's to close; otherwise the app opens them at
     startup and closes what it opened at shutdown."""
     settings = settings or load_settings()
-    trigger_model = trigger_body_model(settings.available_runners)
-    document = openapi_document(
-        trigger_model=trigger_model, auth=settings.api_requires_token, max_body_bytes=settings.api.max_body_bytes
-    )
+    shapes = TriggerShapes(settings.available_runners)
+    document = openapi_document(shapes=shapes, settings=settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -136,7 +134,7 @@ def create_app(settings: Settings | None = None, *, client: Client | None = None
             repo=repository,
             feed=feed,
             temporal=temporal,
-            trigger_model=trigger_model,
+            shapes=shapes,
             openapi=document,
         )
         try:

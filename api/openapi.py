@@ -15,7 +15,9 @@ from api.schemas import (
     PAGE_SIZE_MAX,
     RESPONSE_MODELS,
     CancelBuild,
+    TriggerShapes,
 )
+from genloop.settings import Settings
 
 _JSON = "application/json"
 
@@ -67,8 +69,10 @@ def _body_errors(max_body_bytes: int) -> dict[str, Any]:
     }
 
 
-def openapi_document(*, trigger_model: type[BaseModel], auth: bool, max_body_bytes: int) -> dict[str, Any]:
-    models: list[tuple[type[BaseModel], Any]] = [(trigger_model, "validation"), (CancelBuild, "validation")]
+def openapi_document(*, shapes: TriggerShapes, settings: Settings) -> dict[str, Any]:
+    auth, max_body_bytes = settings.api_requires_token, settings.api.max_body_bytes
+    models: list[tuple[type[BaseModel], Any]] = [(m, "validation") for m in shapes.models]
+    models.append((CancelBuild, "validation"))
     models += [(m, "serialization") for m in RESPONSE_MODELS]
     _, defs = models_json_schema(models, by_alias=True, ref_template="#/components/schemas/{model}")
 
@@ -84,13 +88,23 @@ def openapi_document(*, trigger_model: type[BaseModel], auth: bool, max_body_byt
         )
     open_access = {"security": []} if auth else {}
     body_errors = _body_errors(max_body_bytes)
+    trigger_errors = _body_errors(settings.api.max_edit_body_bytes)
+    build_id = [_id_param("build_id")]
 
     paths: dict[str, Any] = {
         "/v1/projects/{project_id}/builds": {
             "parameters": [_id_param("project_id")],
             "post": {
                 "operationId": "triggerBuild",
-                "summary": "Start a build of `goal`; the build runs durably in Temporal.",
+                "summary": "Start a build: a new app from a `goal`, or the next version of the project's line.",
+                "description": (
+                    "Exactly one shape: `{goal}` builds a new app; `{change, base?, edits?}` asks the runner "
+                    "to change the files of `base`; `{edits, base?}` writes/deletes files of `base`; `{base}` "
+                    "restores a version (a new version with exactly its files). `base` defaults to the "
+                    "project's newest READY version; changes without `base` build in the order they were sent, "
+                    "each on the result of the one before. Unknown base: 404; a base without files: 409; a "
+                    "free-text `change` to a runner that cannot write code: 422."
+                ),
                 "parameters": [
                     {
                         "name": "Idempotency-Key",
@@ -101,7 +115,10 @@ def openapi_document(*, trigger_model: type[BaseModel], auth: bool, max_body_byt
                         "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN, "minLength": 1, "maxLength": 255},
                     }
                 ],
-                "requestBody": {"required": True, "content": {_JSON: {"schema": _ref(trigger_model.__name__)}}},
+                "requestBody": {
+                    "required": True,
+                    "content": {_JSON: {"schema": {"oneOf": [_ref(m.__name__) for m in shapes.models]}}},
+                },
                 "responses": {
                     "202": _json_response(
                         "The build is queued (or, for a repeated Idempotency-Key, the existing build).",
@@ -109,8 +126,10 @@ def openapi_document(*, trigger_model: type[BaseModel], auth: bool, max_body_byt
                         {"Location": _header("The build's URL path.")},
                     ),
                     "400": _error("`malformed_json` or `invalid_parameter`."),
-                    "409": _error("`conflict`: the Idempotency-Key was used with a different body."),
-                    **body_errors,
+                    "404": _error("`not_found`: `base` names no build or version of this project."),
+                    "409": _error("`conflict`: the Idempotency-Key was used with a different body; the base has "
+                                  "no files; the project has no version to change yet; too many changes waiting."),
+                    **trigger_errors,
                     "503": _UNAVAILABLE,
                     **common,
                 },
@@ -197,6 +216,71 @@ def openapi_document(*, trigger_model: type[BaseModel], auth: bool, max_body_byt
                     "404": _NOT_FOUND,
                     "409": _error("`conflict`: the build has already finished."),
                     **body_errors,
+                    "503": _UNAVAILABLE,
+                    **common,
+                },
+            },
+        },
+        "/v1/projects/{project_id}": {
+            "parameters": [_id_param("project_id")],
+            "get": {
+                "operationId": "getProject",
+                "summary": "The project: its goal, newest READY version, every version with its lineage, and "
+                "the changes waiting to be built.",
+                "responses": {
+                    "200": _json_response("The project.", "ProjectView"),
+                    "400": _BAD_ID,
+                    "404": _error("`not_found`: the project has no builds."),
+                    "503": _UNAVAILABLE,
+                    **common,
+                },
+            },
+        },
+        "/v1/builds/{build_id}/files": {
+            "parameters": build_id,
+            "get": {
+                "operationId": "listFiles",
+                "summary": "The build's files (empty until CODE has finished).",
+                "responses": {
+                    "200": _json_response("Path, size and sha256 of each file.", "FileList"),
+                    "400": _BAD_ID,
+                    "404": _NOT_FOUND,
+                    "503": _UNAVAILABLE,
+                    **common,
+                },
+            },
+        },
+        "/v1/builds/{build_id}/files/{path}": {
+            "parameters": [
+                *build_id,
+                {"name": "path", "in": "path", "required": True, "description": "A file path, as listed.",
+                 "schema": {"type": "string", "minLength": 1, "maxLength": 255}},
+            ],
+            "get": {
+                "operationId": "getFile",
+                "summary": "One file's content (text/plain for UTF-8 text, application/octet-stream otherwise).",
+                "responses": {
+                    "200": {"description": "The content.", "content": {
+                        "text/plain": {"schema": {"type": "string"}},
+                        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                    }},
+                    "400": _error("`invalid_parameter`: a malformed build id or an unsafe path."),
+                    "404": _error("`not_found`: no such build, or no such file in it."),
+                    "503": _UNAVAILABLE,
+                    **common,
+                },
+            },
+        },
+        "/v1/builds/{build_id}/diff": {
+            "parameters": build_id,
+            "get": {
+                "operationId": "diffBuild",
+                "summary": "A unified diff to this build from `against` (default: its base; nothing, for a new app).",
+                "parameters": [_id_param("against", "query", "A build id or build_version of the same project.")],
+                "responses": {
+                    "200": {"description": "The diff.", "content": {"text/x-diff": {"schema": {"type": "string"}}}},
+                    "400": _BAD_ID,
+                    "404": _error("`not_found`: no such build, or `against` is not a version of its project."),
                     "503": _UNAVAILABLE,
                     **common,
                 },

@@ -11,7 +11,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model, model_validator
 
 from workflows.stages import Stage
 
@@ -50,16 +50,80 @@ class _Out(BaseModel):
 Goal = Annotated[str, StringConstraints(min_length=1, max_length=GOAL_MAX_CHARS, pattern=GOAL_PATTERN)]
 
 
-def trigger_body_model(runners: tuple[str, ...]) -> type[_Strict]:
-    """The trigger body for a server offering `runners` (the first is the default): the enum in the
-    OpenAPI document is exactly what this server accepts."""
-    runner_type: Any = Literal[runners]  # type: ignore[valid-type]
-    return create_model(
-        "TriggerBuild",
-        __base__=_Strict,
-        goal=(Goal, Field(description="What to build, in plain words (not blank).")),
-        runner=(runner_type, Field(runners[0], description="Code generator to use.")),
+STACKS = ("python", "node")
+CHANGE_MAX_CHARS = 4000
+EDITS_MAX = 200
+EDIT_PATH_MAX_CHARS = 255
+VERSION_REF_PATTERN = "^[A-Za-z0-9_-]{1,64}$"  # a build id or a build_version (build_v0_3)
+
+Change = Annotated[str, StringConstraints(min_length=1, max_length=CHANGE_MAX_CHARS, pattern=GOAL_PATTERN)]
+VersionRef = Annotated[str, StringConstraints(pattern=VERSION_REF_PATTERN)]
+EditPath = Annotated[str, StringConstraints(min_length=1, max_length=EDIT_PATH_MAX_CHARS, pattern=TEXT_PATTERN)]
+
+
+class FileEditIn(_Strict):
+    """One file: its new full content, or `"delete": true`."""
+
+    path: EditPath = Field(description="Relative to the project root; no `..`, not absolute.")
+    content: Annotated[str, StringConstraints(pattern=TEXT_PATTERN)] | None = Field(
+        None, description="The file's new content (UTF-8 text)."
     )
+    delete: bool = Field(False, description="Remove the file instead.")
+
+    @model_validator(mode="after")
+    def _content_or_delete(self) -> FileEditIn:
+        if (self.content is None) == (not self.delete):
+            raise ValueError("give exactly one of `content` and `\"delete\": true`")
+        return self
+
+
+class TriggerShapes:
+    """The trigger body's shapes for a server offering `runners` (the first is the default). Exactly
+    one shape applies, chosen by which of `goal`, `change`, `edits`, `base` the body has."""
+
+    def __init__(self, runners: tuple[str, ...]) -> None:
+        runner_type: Any = Literal[runners]  # type: ignore[valid-type]
+        runner = (runner_type, Field(runners[0], description="Code generator to use."))
+        base = (VersionRef | None, Field(None, description="The version to start from: a build_version "
+                "(`build_v0_3`) or a build id of this project. Default: the newest READY version (for "
+                "changes sent back to back, the result of the change before)."))
+        edits = (Annotated[list[FileEditIn], Field(min_length=1, max_length=EDITS_MAX)],
+                 Field(description="Files to write or delete, applied before the runner sees the files."))
+        self.new_app = create_model(
+            "NewApp", __base__=_Strict,
+            goal=(Goal, Field(description="What to build, in plain words (not blank).")),
+            runner=runner,
+            stack=(Literal[STACKS], Field("python", description="What the app is written in.")),  # type: ignore[valid-type]
+        )
+        self.change = create_model(
+            "ChangeApp", __base__=_Strict,
+            change=(Change, Field(description="What to change, in plain words; needs a runner that writes code.")),
+            base=base, edits=(edits[0] | None, Field(None, description=edits[1].description)), runner=runner,
+        )
+        self.edits = create_model("EditFiles", __base__=_Strict, edits=edits, base=base, runner=runner)
+        self.restore = create_model(
+            "RestoreVersion", __base__=_Strict,
+            base=(VersionRef, Field(description="The version whose files the new version gets, unchanged.")),
+            runner=runner,
+        )
+
+    @property
+    def models(self) -> tuple[type[_Strict], ...]:
+        return (self.new_app, self.change, self.edits, self.restore)
+
+    def model_for(self, body: object) -> type[_Strict] | None:
+        """The shape `body` is meant to be, by its keys; None when it is none of them."""
+        if not isinstance(body, dict):
+            return None
+        if "goal" in body:
+            return self.new_app
+        if "change" in body:
+            return self.change
+        if "edits" in body:
+            return self.edits
+        if "base" in body:
+            return self.restore
+        return None
 
 
 class CancelBuild(_Strict):
@@ -115,6 +179,29 @@ class FailedEvent(StageEvent):
     debug_id: str | None
 
 
+class EditedPath(_Out):
+    path: str
+    op: Literal["write", "delete"]
+
+
+class Lineage(_Out):
+    """Where a version comes from."""
+
+    kind: Literal["new", "change"]
+    base_build_id: str | None = Field(description="The build it started from (a change).")
+    base_version: str | None
+    change: str | None = Field(description="The change text (capped), if one was sent.")
+    edited_paths: list[EditedPath]
+    note: str | None = Field(description="Why it built on this base, when not the one expected.")
+
+
+class Usage(_Out):
+    input_tokens: int
+    output_tokens: int
+    calls: int
+    model: str | None
+
+
 class BuildSummary(_Out):
     build_id: str
     project_id: str
@@ -126,14 +213,51 @@ class BuildSummary(_Out):
     build_version: str | None
     error_message: str | None = Field(description="Safe to show to users; internal detail is never exposed.")
     debug_id: str | None = Field(description="Quote this to support: it finds the internal error detail.")
+    runner: str | None
+    stack: str
+    lineage: Lineage
+    attempt: int = Field(description="The attempt running or last run (1: the first; more after fix attempts).")
+    max_attempts: int
+    usage: Usage
     created_at: datetime
     updated_at: datetime
     links: Links
 
 
+class AttemptOut(_Out):
+    """Why one attempt failed, as the fix loop showed it to the runner (tail, redacted)."""
+
+    attempt: int
+    stage: Stage
+    command: str
+    exit_code: int | None
+    output: str
+    at: datetime
+
+
 class BuildDetail(BuildSummary):
     sandbox_id: str | None
     history: list[TransitionOut]
+    attempts: list[AttemptOut]
+
+
+class FileOut(_Out):
+    path: str
+    size: int
+    sha256: str
+
+
+class FileList(_Out):
+    build_id: str
+    files: list[FileOut]
+
+
+class ProjectView(_Out):
+    project_id: str
+    goal: str | None = Field(description="The goal of the newest READY version's line.")
+    newest_ready: BuildSummary | None
+    versions: list[BuildSummary] = Field(description="Every build of the project, oldest first.")
+    pending: list[str] = Field(description="Build ids of changes waiting to be built, in order.")
 
 
 class BuildPage(_Out):
@@ -186,5 +310,5 @@ class ErrorBody(_Out):
 
 
 RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
-    BuildRef, BuildDetail, BuildPage, Health, ErrorBody, StageEvent, ReadyEvent, FailedEvent,
+    BuildRef, BuildDetail, BuildPage, Health, ErrorBody, StageEvent, ReadyEvent, FailedEvent, FileList, ProjectView,
 )

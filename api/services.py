@@ -11,6 +11,7 @@ from temporalio.client import Client
 
 from api.errors import unavailable
 from api.feed import TransitionFeed
+from api.schemas import TriggerShapes
 from genloop.settings import Settings
 from genloop.temporal import connect
 from persistence.repository import JobRepository
@@ -48,5 +49,5 @@ class Services:
     repo: JobRepository
     feed: TransitionFeed
     temporal: TemporalGateway
-    trigger_model: Any  # the pydantic model for this server's runners (api.schemas.trigger_body_model)
+    shapes: TriggerShapes  # the trigger body's shapes for this server's runners
     openapi: dict[str, Any]

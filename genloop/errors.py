@@ -59,6 +59,8 @@ _FRIENDLY = {
     ErrorKind.RUNNER_FAILED: "We could not generate code for this request. Please try again.",
     ErrorKind.BUDGET_REACHED: "This build reached its token budget before the app was finished.",
     ErrorKind.INVALID_INPUT: "The request could not be processed. Please check it and try again.",
+    ErrorKind.NOT_FOUND: "The version this build starts from no longer exists.",
+    ErrorKind.CONFLICT: "This change could not be built on the version it names.",
 }
 
 _URL_CREDENTIALS = re.compile(r"(?P<prefix>[a-zA-Z][\w+.-]*://[^:/@\s]*):[^@\s]*@")
@@ -79,13 +81,18 @@ PERMANENT_ERROR_TYPES = tuple(k.value for k in ErrorKind if not k.transient)
 
 class GenloopError(Exception):
     """An error of a known kind. `detail` is internal (support and logs), never shown to users.
-    `retry_after_s`: for transient kinds, how long the other side asked us to wait (Retry-After)."""
+    `retry_after_s`: for transient kinds, how long the other side asked us to wait (Retry-After).
+    `failure`: for the app's own failures (a failed install, an app that does not start), what the
+    fix loop tells the runner: {"stage", "command", "exit_code", "output"} (bounded, redacted)."""
 
-    def __init__(self, kind: ErrorKind, detail: str = "", *, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self, kind: ErrorKind, detail: str = "", *, retry_after_s: float | None = None, failure: dict | None = None
+    ) -> None:
         super().__init__(f"{kind.value}: {detail}" if detail else kind.value)
         self.kind = kind
         self.detail = detail
         self.retry_after_s = retry_after_s
+        self.failure = failure
 
     def __repr__(self) -> str:
         return f"GenloopError({self.kind.value}, {self.detail!r})"
@@ -103,9 +110,12 @@ def to_application_error(err: GenloopError):
 
     # A provider's Retry-After overrides the retry policy's backoff for this one retry.
     delay = timedelta(seconds=err.retry_after_s) if err.retry_after_s and err.kind.transient else None
+    details: dict = {"kind": err.kind.value, "friendly": err.friendly}
+    if err.failure is not None:
+        details["failure"] = err.failure
     return ApplicationError(
         err.detail or err.kind.value,
-        {"kind": err.kind.value, "friendly": err.friendly},
+        details,
         type=err.kind.value,
         non_retryable=not err.kind.transient,
         next_retry_delay=delay,

@@ -111,7 +111,8 @@ class ApiSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     token: SecretStr = SecretStr("")
-    max_body_bytes: int = Field(65536, ge=1024)
+    max_body_bytes: int = Field(65536, ge=1024)  # bytes of a JSON body (cancel, goals, changes without edits)
+    max_edit_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)  # bytes of a build request that carries file edits
     # Host names (besides loopback ones) the API answers to, e.g. "genloop.example.com"; any other
     # Host header is refused (421), which defeats DNS rebinding.
     public_hosts: list[str] = Field(default_factory=list)
@@ -123,6 +124,8 @@ class RunnerSettings(_Section):
     llm_base_url: str = "https://api.anthropic.com"
     llm_model: str = "claude-sonnet-4-5"
     llm_timeout_s: float = Field(300, gt=0)
+    fix_attempts: int = Field(2, ge=0, le=10)  # repairs a build may try after its app fails (runners that can fix)
+    max_tokens_per_build: int = Field(0, ge=0)  # model tokens (input + output, all attempts); 0: no limit
 
 
 class Settings(_Section):

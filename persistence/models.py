@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import DateTime, ForeignKeyConstraint, Index, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import DateTime, ForeignKeyConstraint, Index, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
@@ -63,6 +63,24 @@ class Job(SQLModel, table=True):
     run_id: str | None = Field(default=None, sa_type=String(255))
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    # --- lineage: a project is a line of versions (0004) ---
+    kind: str = Field(default="new", sa_type=String(20), sa_column_kwargs={"server_default": "new"})  # new | change
+    version_number: int | None = Field(default=None, sa_type=Integer)  # N of build_v0_N: orders versions
+    runner: str | None = Field(default=None, sa_type=String(50))
+    stack: str = Field(default="python", sa_type=String(20), sa_column_kwargs={"server_default": "python"})
+    base_build_id: str | None = Field(default=None, sa_type=String(255))  # the build this one started from
+    base_version: str | None = Field(default=None, sa_type=String(50))
+    change_request: str | None = Field(default=None, sa_type=Text)  # the user's change text, capped
+    edited_paths: str | None = Field(default=None, sa_type=Text)  # JSON: [{"path", "op": "write"|"delete"}]
+    lineage_note: str | None = Field(default=None, sa_type=Text)  # why this base (e.g. the previous change failed)
+    request_digest: str | None = Field(default=None, sa_type=String(64))  # Idempotency-Key reuse check
+    # --- fix attempts and model usage (0004) ---
+    attempt: int = Field(default=0, sa_type=Integer, sa_column_kwargs={"server_default": "0"})
+    max_attempts: int = Field(default=0, sa_type=Integer, sa_column_kwargs={"server_default": "0"})
+    tokens_in: int = Field(default=0, sa_type=Integer, sa_column_kwargs={"server_default": "0"})
+    tokens_out: int = Field(default=0, sa_type=Integer, sa_column_kwargs={"server_default": "0"})
+    llm_calls: int = Field(default=0, sa_type=Integer, sa_column_kwargs={"server_default": "0"})
+    llm_model: str | None = Field(default=None, sa_type=String(100))
 
     @property
     def stage(self) -> Stage:
@@ -105,3 +123,37 @@ class Blob(SQLModel, table=True):
     size: int
     content: bytes = Field(sa_type=LargeBinary)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class BuildFile(SQLModel, table=True):
+    """One file of a build (its manifest): content in `blobs` by digest. Written when the build's
+    files are decided (after CODE, and again after each fix attempt)."""
+
+    __tablename__: ClassVar[str] = "build_files"
+    __table_args__: ClassVar[tuple[Any, ...]] = (
+        ForeignKeyConstraint(["build_id"], ["jobs.id"], name="fk_build_files_build_id_jobs", ondelete="CASCADE"),
+    )
+
+    build_id: str = Field(sa_type=String(255), primary_key=True)
+    path: str = Field(sa_type=String(255), primary_key=True)
+    digest: str = Field(sa_type=String(64))
+    size: int
+
+
+class BuildAttempt(SQLModel, table=True):
+    """Why one attempt of a build failed, as the fix loop saw it (the tail, bounded and redacted)."""
+
+    __tablename__: ClassVar[str] = "build_attempts"
+    __table_args__: ClassVar[tuple[Any, ...]] = (
+        ForeignKeyConstraint(["build_id"], ["jobs.id"], name="fk_build_attempts_build_id_jobs", ondelete="CASCADE"),
+        UniqueConstraint("build_id", "attempt", name="uq_build_attempts_build_id_attempt"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    build_id: str = Field(sa_type=String(255))
+    attempt: int
+    stage: str = Field(sa_type=String(20))
+    command: str = Field(sa_type=Text)
+    exit_code: int | None = None
+    output: str = Field(sa_type=Text)
+    at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)

@@ -14,16 +14,19 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, delete, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from genloop.errors import ErrorKind, GenloopError
 from persistence.db import WRITE_TRANSACTION, database_errors, describe_url, make_engine, make_session_factory
-from persistence.models import Blob, BuildCounter, Job, JobTransition, utcnow
+from persistence.models import Blob, BuildAttempt, BuildCounter, BuildFile, Job, JobTransition, utcnow
 from workflows.stages import Stage, is_allowed
 
 MAX_PAGE_SIZE = 200
+_LINEAGE_COLUMNS = frozenset(
+    {"kind", "runner", "stack", "base_build_id", "base_version", "change_request", "edited_paths", "request_digest"}
+)
 # Keeps IN (...) lists well under SQLite's and PostgreSQL's bound-parameter limits.
 _BLOB_BATCH = 500
 
@@ -60,8 +63,14 @@ class JobRepository:
         *,
         workflow_id: str | None = None,
         run_id: str | None = None,
+        **lineage: Any,
     ) -> Job:
-        """Insert the job as `queued` with its first transition. An existing job is returned as is."""
+        """Insert the job as `queued` with its first transition. An existing job is returned as is.
+        `lineage`: the request's columns (kind, runner, stack, base_build_id, base_version,
+        change_request, edited_paths, request_digest)."""
+        unknown = set(lineage) - _LINEAGE_COLUMNS
+        if unknown:
+            raise ValueError(f"not lineage columns: {sorted(unknown)}")
         async with self._write() as session:
             now = utcnow()
             inserted = await session.execute(
@@ -76,6 +85,7 @@ class JobRepository:
                     run_id=run_id,
                     created_at=now,
                     updated_at=now,
+                    **lineage,
                 )
                 # A concurrent or repeated create (activity retry) loses quietly instead of raising.
                 .on_conflict_do_nothing(index_elements=["id"])
@@ -196,6 +206,116 @@ class JobRepository:
             query = select(JobTransition).where(JobTransition.build_id == build_id).order_by(JobTransition.seq)
             return list((await session.execute(query)).scalars())
 
+    # --- lines of versions: lineage, files, attempts, usage -------------------------------------
+
+    async def set_lineage(
+        self, build_id: str, *, goal: str, base_build_id: str | None, base_version: str | None, note: str | None
+    ) -> Job:
+        """What a change build was resolved to build on (the project workflow may pick another base
+        than the request named, when the previous change failed)."""
+        async with self._write() as session:
+            job = await self._locked_job(session, build_id)
+            job.goal, job.base_build_id, job.base_version = goal, base_build_id, base_version
+            job.lineage_note = note or None
+            job.updated_at = utcnow()
+            return job
+
+    async def set_files(self, build_id: str, files: Sequence[tuple[str, str, int]]) -> None:
+        """Replace the build's file list with `files` ((path, digest, size); contents already in
+        the blob store). Idempotent: a retried write leaves the same rows."""
+        async with self._write() as session:
+            await self._locked_job(session, build_id)
+            await session.execute(delete(BuildFile).where(BuildFile.build_id == build_id))
+            if files:
+                await session.execute(
+                    self._insert(BuildFile).values(
+                        [dict(build_id=build_id, path=p, digest=d, size=n) for p, d, n in files]
+                    )
+                )
+
+    async def get_files(self, build_id: str) -> list[BuildFile]:
+        async with self._read() as session:
+            query = select(BuildFile).where(BuildFile.build_id == build_id).order_by(BuildFile.path)
+            return list((await session.execute(query)).scalars())
+
+    async def find_version(self, project_id: str, ref: str) -> Job | None:
+        """A build of the project by build id or by build_version; None when there is none."""
+        async with self._read() as session:
+            query = select(Job).where(Job.project_id == project_id, or_(Job.id == ref, Job.build_version == ref))
+            return (await session.execute(query.limit(1))).scalar_one_or_none()
+
+    async def newest_ready(self, project_id: str) -> Job | None:
+        async with self._read() as session:
+            query = (
+                select(Job)
+                .where(Job.project_id == project_id, Job.status == Stage.READY.value)
+                .order_by(Job.version_number.desc())
+                .limit(1)
+            )
+            return (await session.execute(query)).scalar_one_or_none()
+
+    async def project_builds(self, project_id: str, *, limit: int = MAX_PAGE_SIZE) -> list[Job]:
+        """The project's builds in the order they were requested (oldest first)."""
+        async with self._read() as session:
+            query = (
+                select(Job)
+                .where(Job.project_id == project_id)
+                .order_by(Job.created_at, Job.id)
+                .limit(limit)
+            )
+            return list((await session.execute(query)).scalars())
+
+    async def pending_changes(self, project_id: str) -> list[Job]:
+        """The project's changes still waiting in its queue (not started), in order."""
+        async with self._read() as session:
+            query = (
+                select(Job)
+                .where(Job.project_id == project_id, Job.kind == "change", Job.status == Stage.QUEUED.value)
+                .order_by(Job.created_at, Job.id)
+            )
+            return list((await session.execute(query)).scalars())
+
+    async def record_attempt(
+        self, build_id: str, *, attempt: int, stage: str, command: str, exit_code: int | None, output: str,
+        max_attempts: int, at: datetime | None = None,
+    ) -> None:
+        """Record why attempt `attempt` failed and that the build is now on attempt + 1. Re-recording
+        the same attempt (a retried activity) changes nothing."""
+        async with self._write() as session:
+            job = await self._locked_job(session, build_id)
+            await session.execute(
+                self._insert(BuildAttempt)
+                .values(build_id=build_id, attempt=attempt, stage=stage, command=command, exit_code=exit_code,
+                        output=output, at=at or utcnow())
+                .on_conflict_do_nothing(index_elements=["build_id", "attempt"])
+            )
+            job.attempt = max(job.attempt, attempt)
+            job.max_attempts = max_attempts
+            job.updated_at = utcnow()
+
+    async def list_attempts(self, build_id: str) -> list[BuildAttempt]:
+        async with self._read() as session:
+            query = select(BuildAttempt).where(BuildAttempt.build_id == build_id).order_by(BuildAttempt.attempt)
+            return list((await session.execute(query)).scalars())
+
+    async def add_usage(self, build_id: str, *, tokens_in: int, tokens_out: int, calls: int, model: str) -> Job:
+        async with self._write() as session:
+            job = await self._locked_job(session, build_id)
+            job.tokens_in += tokens_in
+            job.tokens_out += tokens_out
+            job.llm_calls += calls
+            job.llm_model = model or job.llm_model
+            job.updated_at = utcnow()
+            return job
+
+    async def set_status_message(self, build_id: str, message: str) -> None:
+        """Progress within a stage ("writing code: 3.2k tokens"); the stage itself does not change."""
+        async with self._write() as session:
+            job = await self._locked_job(session, build_id)
+            if not job.stage.terminal:
+                job.status_message = message
+                job.updated_at = utcnow()
+
     # --- blobs ----------------------------------------------------------------------------------
 
     async def put_blob(self, content: bytes) -> str:
@@ -270,7 +390,8 @@ class JobRepository:
             .on_conflict_do_update(index_elements=["project_id"], set_={"last_n": BuildCounter.last_n + 1})
             .returning(BuildCounter.last_n)
         )
-        job.build_version = f"build_v0_{bumped.scalar_one()}"
+        job.version_number = bumped.scalar_one()
+        job.build_version = f"build_v0_{job.version_number}"
         job.updated_at = utcnow()
         return job.build_version
 

@@ -21,18 +21,25 @@ with workflow.unsafe.imports_passed_through():
         CANCEL_SIGNAL,
         STATUS_QUERY,
         WORKFLOW_NAME,
+        AttemptInput,
         BuildRequest,
         BuildResult,
         BuildStatus,
         CancelRequest,
         ChecksResult,
+        CodeRequest,
         CodeResult,
+        FailureInfo,
         FinishInput,
         FinishResult,
         KillSandboxInput,
+        PrepareChangeInput,
+        PreparedChange,
         SandboxInfo,
         SandboxInput,
         ScaffoldState,
+        SyncFilesInput,
+        SyncFilesResult,
         Transition,
         TransitionInput,
     )
@@ -43,6 +50,9 @@ BUILD_VERSION = SearchAttributeKey.for_keyword("BuildVersion")
 SEARCH_ATTRIBUTES = (BUILD_STAGE, PROJECT_ID, BUILD_VERSION)
 
 WORKSPACE_PATH = "/home/user/project"
+FIX_LOOP_PATCH = "fix-loop"  # builds that repair their own failing code (histories before it replay without)
+# What the fix loop repairs: the app's own failures. Infrastructure errors retry instead.
+FIXABLE_KINDS = frozenset({ErrorKind.APP_CHECK_FAILED.value, ErrorKind.DEPENDENCY_INSTALL_FAILED.value})
 
 
 def _retry(max_attempts: int, max_interval_s: float = 30) -> RetryPolicy:
@@ -64,6 +74,10 @@ _DB_WRITE = dict(
 _LONG = dict(cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED)
 _ACTIVITY_OPTIONS: dict[str, dict] = {
     "create_initial_state": dict(start_to_close_timeout=timedelta(seconds=30), retry_policy=_retry(5)),
+    "prepare_change": dict(start_to_close_timeout=timedelta(minutes=2), retry_policy=_retry(5)),
+    "sync_sandbox_files": dict(
+        start_to_close_timeout=timedelta(minutes=3), heartbeat_timeout=timedelta(seconds=20), retry_policy=_retry(6), **_LONG
+    ),
     "generate_code": dict(
         start_to_close_timeout=timedelta(minutes=10), heartbeat_timeout=timedelta(seconds=20), retry_policy=_retry(6), **_LONG
     ),
@@ -95,6 +109,9 @@ class BuildWorkflow:
         self._stage = Stage.QUEUED
         self._cancel_reason: str | None = None
         self._pipeline: asyncio.Task | None = None
+        self._goal = req.goal
+        self._tokens_used = 0
+        self._fix_stopped = ""  # why the fix loop gave up, for the failure detail
 
     # --- interface ---
 
@@ -135,35 +152,40 @@ class BuildWorkflow:
         await self._enter(Stage.STARTING)
 
         await self._enter(Stage.SCAFFOLD)
-        state = await self._activity(
-            "create_initial_state",
-            ScaffoldState(
-                session_id=req.build_id,
-                project_path=WORKSPACE_PATH,
-                goal=req.goal,
-                project_id=req.project_id,
-                runner=req.runner,
-            ),
-            ScaffoldState,
-        )
+        if req.kind == "change":
+            prepared: PreparedChange = await self._activity(
+                "prepare_change",
+                PrepareChangeInput(
+                    build_id=req.build_id, project_id=req.project_id, base_build_id=req.base_build_id,
+                    edits=req.edits, note=req.note,
+                ),
+                PreparedChange,
+            )
+            state, self._goal = prepared.scaffold, prepared.goal
+            await self._enter(Stage.CODE)
+            if req.change:
+                code = await self._code(state, "change", prepared.code, change=req.change)
+            else:
+                code = prepared.code
+                what = "restored" if not req.edits else "edited"
+                self._status.message = f"{len(code.files)} files {what} from {prepared.base_version or prepared.base_build_id}"
+        else:
+            state = await self._activity(
+                "create_initial_state",
+                ScaffoldState(
+                    session_id=req.build_id,
+                    project_path=WORKSPACE_PATH,
+                    goal=req.goal,
+                    project_id=req.project_id,
+                    runner=req.runner,
+                ),
+                ScaffoldState,
+            )
+            await self._enter(Stage.CODE)
+            code = await self._code(state, "new_app", None)
+            self._status.message = f"{len(code.files)} files written"
 
-        await self._enter(Stage.CODE)
-        code: CodeResult = await self._activity("generate_code", state, CodeResult)
-        self._status.message = f"{len(code.files)} files written"
-
-        await self._enter(Stage.DEPS)
-        sandbox_input = SandboxInput(
-            build_id=req.build_id, project_id=req.project_id, workspace_path=WORKSPACE_PATH, files=code.files
-        )
-        info: SandboxInfo = await self._activity("provision_sandbox", sandbox_input, SandboxInfo)
-        self._status.sandbox_id = info.sandbox_id
-        self._status.workspace_path = info.workspace_path
-        sandbox_input.sandbox_id = info.sandbox_id
-        await self._activity("install_dependencies", sandbox_input, str)
-
-        await self._enter(Stage.CHECKS)
-        checks: ChecksResult = await self._activity("start_and_check", sandbox_input, ChecksResult)
-        self._status.preview_url = checks.preview_url
+        info, checks = await self._deps_and_checks(req, state, code)
 
         self._check_not_cancelled()
         finished: FinishResult = await workflow.execute_local_activity(
@@ -192,6 +214,123 @@ class BuildWorkflow:
             message=Stage.READY.label,
         )
 
+    async def _code(
+        self, state: ScaffoldState, kind: str, current: CodeResult | None, *, change: str = "",
+        failure: FailureInfo | None = None,
+    ) -> CodeResult:
+        budget = state.token_budget - self._tokens_used if state.token_budget else None
+        code: CodeResult = await self._activity(
+            "generate_code",
+            CodeRequest(
+                build_id=self._req.build_id,
+                project_id=self._req.project_id,
+                goal=self._goal,
+                runner=state.runner,
+                kind=kind,
+                stack=self._req.stack,
+                files=current.files if current is not None else [],
+                change=change,
+                failure=failure,
+                token_budget=budget,
+                attempt=self._status.attempt,
+            ),
+            CodeResult,
+        )
+        self._tokens_used += code.tokens_used
+        return code
+
+    async def _deps_and_checks(
+        self, req: BuildRequest, state: ScaffoldState, code: CodeResult
+    ) -> tuple[SandboxInfo, ChecksResult]:
+        """DEPS and CHECKS; when the app's own code fails them and the runner can fix code, ask it for
+        a fix, put the fixed files into the same sandbox and check again (bounded)."""
+        self._status.max_attempts = 1 + state.fix_attempts
+        info: SandboxInfo | None = None
+        sandbox_input = SandboxInput(
+            build_id=req.build_id, project_id=req.project_id, workspace_path=WORKSPACE_PATH, files=code.files
+        )
+        failures: list[str] = []
+        installed = False
+        while True:
+            try:
+                await self._enter(Stage.DEPS)
+                if info is None:
+                    info = await self._activity("provision_sandbox", sandbox_input, SandboxInfo)
+                    self._status.sandbox_id = info.sandbox_id
+                    self._status.workspace_path = info.workspace_path
+                    sandbox_input.sandbox_id = info.sandbox_id
+                if not installed or sandbox_input.reinstall:
+                    await self._activity("install_dependencies", sandbox_input, str)
+                    installed, sandbox_input.reinstall = True, False
+                await self._enter(Stage.CHECKS)
+                checks: ChecksResult = await self._activity("start_and_check", sandbox_input, ChecksResult)
+                self._status.preview_url = checks.preview_url
+                return info, checks
+            except ActivityError as err:
+                failure = self._fixable(err, state)
+                if failure is None or not workflow.patched(FIX_LOOP_PATCH):
+                    raise
+                if failure.digest in failures:
+                    self._fix_stopped = "the same failure repeated after a fix"
+                    raise
+                failures.append(failure.digest)
+                fixed = await self._fix(state, code, failure)
+                if fixed is None:
+                    self._fix_stopped = "the runner returned no change"
+                    raise
+                assert info is not None and sandbox_input.sandbox_id is not None
+                synced: SyncFilesResult = await self._activity(
+                    "sync_sandbox_files",
+                    SyncFilesInput(
+                        build_id=req.build_id, sandbox_id=sandbox_input.sandbox_id, workspace_path=WORKSPACE_PATH,
+                        old_files=code.files, new_files=fixed.files,
+                    ),
+                    SyncFilesResult,
+                )
+                code = fixed
+                sandbox_input.files = fixed.files
+                sandbox_input.reinstall = synced.dependencies_changed or failure.stage == Stage.DEPS.value
+
+    def _fixable(self, err: ActivityError, state: ScaffoldState) -> FailureInfo | None:
+        """The failure to show the runner, if this is the app's own failure and attempts remain."""
+        cause = err.cause
+        if self._cancel_reason is not None or not state.can_fix:
+            return None
+        if self._status.attempt >= self._status.max_attempts:
+            self._fix_stopped = f"{self._status.max_attempts} attempts used"
+            return None
+        if not isinstance(cause, ApplicationError) or cause.type not in FIXABLE_KINDS or not cause.details:
+            return None
+        details = cause.details[0] if isinstance(cause.details[0], dict) else {}
+        failure = details.get("failure")
+        if not isinstance(failure, dict):
+            return None
+        return FailureInfo(
+            stage=str(failure.get("stage", "")),
+            command=str(failure.get("command", "")),
+            exit_code=failure.get("exit_code"),
+            output=str(failure.get("output", "")),
+            digest=str(failure.get("digest") or failure.get("output", "")),
+        )
+
+    async def _fix(self, state: ScaffoldState, code: CodeResult, failure: FailureInfo) -> CodeResult | None:
+        """One fix attempt: record why the last attempt failed, go back to CODE and ask for a fix.
+        None when the runner changed nothing (the loop stops)."""
+        failed_attempt = self._status.attempt
+        await workflow.execute_local_activity(
+            "record_attempt",
+            AttemptInput(
+                build_id=self._req.build_id, attempt=failed_attempt, max_attempts=self._status.max_attempts,
+                failure=failure, at=workflow.now().isoformat(),
+            ),
+            summary=f"Record attempt {failed_attempt}",
+            **_DB_WRITE,
+        )
+        self._status.attempt = failed_attempt + 1
+        await self._enter(Stage.CODE, message=f"Fixing the app (attempt {self._status.attempt} of {self._status.max_attempts})")
+        fixed = await self._code(state, "fix", code, failure=failure)
+        return fixed if fixed.changed else None
+
     async def _activity(self, name: str, arg: object, result_type: type):
         return await workflow.execute_activity(
             name, arg, result_type=result_type, summary=self._stage.label, **_ACTIVITY_OPTIONS[name]
@@ -201,10 +340,10 @@ class BuildWorkflow:
         if self._cancel_reason is not None:
             raise _Cancelled()
 
-    async def _enter(self, stage: Stage, **fields) -> None:
+    async def _enter(self, stage: Stage, message: str | None = None, **fields) -> None:
         """Persist the stage before its work starts, then show it in the query and the Web UI."""
         self._check_not_cancelled()
-        await self._record(stage, stage.label, **fields)
+        await self._record(stage, message or stage.label, **fields)
 
     async def _record(self, stage: Stage, message: str, **fields) -> None:
         info = workflow.info()
@@ -216,7 +355,7 @@ class BuildWorkflow:
                 message=message,
                 at=workflow.now().isoformat(),
                 project_id=self._req.project_id,
-                goal=self._req.goal,
+                goal=self._goal,
                 workflow_id=info.workflow_id,
                 run_id=info.run_id,
                 **fields,
@@ -236,7 +375,9 @@ class BuildWorkflow:
         self._status.message = message
         self._status.transitions.append(Transition(stage=stage.value, at=workflow.now().isoformat(), message=message))
         workflow.upsert_search_attributes([BUILD_STAGE.value_set(stage.value)])
-        workflow.set_current_details(f"**{stage.label}** {message if message != stage.label else ''}".strip())
+        attempt = f" (attempt {self._status.attempt} of {self._status.max_attempts})" if self._status.attempt > 1 else ""
+        details = f"**{stage.label}**{attempt} {message if message != stage.label else ''}"
+        workflow.set_current_details(details.strip())
 
     # --- endings ---
 
@@ -270,6 +411,8 @@ class BuildWorkflow:
         except ValueError:
             friendly = FRIENDLY_DEFAULT
         detail = f"{kind_name} in {self._stage.value}: {cause.message if cause is not None else err.message}"
+        if self._fix_stopped:
+            detail = f"{detail}\n(fix loop stopped: {self._fix_stopped})"
         debug_id = str(workflow.uuid4())
         info = workflow.info()
         workflow.logger.error(

@@ -28,7 +28,8 @@ class Stage(str, Enum):
 
 TERMINAL = frozenset({Stage.READY, Stage.FAILED, Stage.CANCELLED})
 
-# The forward path; `checks -> scaffold` is the only backward edge (a bounded fix attempt).
+# The forward path, and two backward edges: a fix attempt goes back to CODE when the app's
+# dependencies do not install (`deps -> code`) or the app does not start (`checks -> code`).
 PIPELINE = (Stage.STARTING, Stage.SCAFFOLD, Stage.CODE, Stage.DEPS, Stage.CHECKS, Stage.READY)
 
 _ENDINGS = {Stage.FAILED, Stage.CANCELLED}
@@ -37,8 +38,8 @@ TRANSITIONS: dict[Stage, frozenset[Stage]] = {
     Stage.STARTING: frozenset({Stage.SCAFFOLD, *_ENDINGS}),
     Stage.SCAFFOLD: frozenset({Stage.CODE, *_ENDINGS}),
     Stage.CODE: frozenset({Stage.DEPS, *_ENDINGS}),
-    Stage.DEPS: frozenset({Stage.CHECKS, *_ENDINGS}),
-    Stage.CHECKS: frozenset({Stage.READY, Stage.SCAFFOLD, *_ENDINGS}),
+    Stage.DEPS: frozenset({Stage.CHECKS, Stage.CODE, *_ENDINGS}),
+    Stage.CHECKS: frozenset({Stage.READY, Stage.CODE, *_ENDINGS}),
     Stage.READY: frozenset(),
     Stage.FAILED: frozenset(),
     Stage.CANCELLED: frozenset(),

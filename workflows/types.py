@@ -9,13 +9,84 @@ WORKFLOW_NAME = "BuildWorkflow"
 STATUS_QUERY = "status"
 CANCEL_SIGNAL = "cancel"
 
+PROJECT_WORKFLOW_NAME = "ProjectWorkflow"
+SUBMIT_UPDATE = "submit"
+CANCEL_PENDING_UPDATE = "cancel_pending"
+PROJECT_STATUS_QUERY = "status"
+
+
+def project_workflow_id(project_id: str) -> str:
+    return f"project-{project_id}"
+
+
+@dataclass
+class FileEdit:
+    """One explicit edit of a change: a file's new content (in the blob store, by digest) or its deletion."""
+
+    path: str
+    digest: str | None = None
+    delete: bool = False
+
 
 @dataclass
 class BuildRequest:
     build_id: str
     project_id: str
-    goal: str
+    goal: str  # a new app's goal; for a change, filled in from its base at SCAFFOLD
     runner: str = "template"
+    kind: str = "new"  # "new" | "change"
+    base_build_id: str | None = None  # change: the build to start from; None: the project's newest READY
+    change: str = ""  # change: what the runner is asked to do (empty: edits or a restore only)
+    edits: list[FileEdit] = field(default_factory=list)
+    stack: str = "python"
+    note: str = ""  # why this base (the project workflow explains a fallback)
+
+
+@dataclass
+class ChangeRequest:
+    """ProjectWorkflow's `submit` update: one change to build on the project's line."""
+
+    build_id: str
+    runner: str = "template"
+    change: str = ""
+    edits: list[FileEdit] = field(default_factory=list)
+    base_build_id: str | None = None  # explicit base; None: the result of the change before it
+    stack: str = "python"
+    summary: str = ""  # the Web UI's one-liner for the child build
+
+
+@dataclass
+class SubmitResult:
+    build_id: str
+    position: int  # 0: building now; n: the n-th change waiting
+
+
+@dataclass
+class CancelPendingRequest:
+    build_id: str
+    reason: str = "cancelled by user"
+
+
+@dataclass
+class PreviousChange:
+    build_id: str
+    status: str
+
+
+@dataclass
+class ProjectInput:
+    project_id: str
+    task_queue: str = ""  # where child builds run; empty: the project workflow's own queue
+    pending: list[ChangeRequest] = field(default_factory=list)
+    seen: list[str] = field(default_factory=list)  # build ids already accepted (dedup across continue-as-new)
+    previous: PreviousChange | None = None
+
+
+@dataclass
+class ProjectStatus:
+    project_id: str
+    running: str | None
+    pending: list[str]
 
 
 @dataclass
@@ -45,6 +116,8 @@ class BuildStatus:
     stage: str
     label: str
     message: str = ""
+    attempt: int = 1
+    max_attempts: int = 1
     transitions: list[Transition] = field(default_factory=list)
     sandbox_id: str | None = None
     preview_url: str | None = None
@@ -79,13 +152,89 @@ class TransitionInput:
 
 @dataclass
 class ScaffoldState:
-    """SCAFFOLD output: the Runner's initial state."""
+    """SCAFFOLD output: the Runner's initial state, and what this worker allows the build."""
 
-    session_id: str
+    session_id: str  # the build id (field name kept: recorded histories carry it)
     project_path: str
     goal: str
     project_id: str
     runner: str = "template"
+    can_fix: bool = False  # the runner can repair failing code
+    fix_attempts: int = 0  # how many times it may try (runner.fix_attempts)
+    token_budget: int = 0  # model tokens the whole build may spend; 0: no limit
+
+
+@dataclass
+class FailureInfo:
+    """Why an app failed, for the fix loop (bounded and redacted by the activity)."""
+
+    stage: str
+    command: str
+    exit_code: int | None
+    output: str
+    digest: str  # of the normalised output: the same failure twice stops the loop
+
+
+@dataclass
+class CodeRequest:
+    """CODE input: what the runner is asked to write."""
+
+    build_id: str
+    project_id: str
+    goal: str
+    runner: str = "template"
+    kind: str = "new_app"  # new_app | change | fix
+    stack: str = "python"
+    files: list[FileManifestEntry] = field(default_factory=list)  # the current files (change, fix)
+    change: str = ""
+    failure: FailureInfo | None = None
+    token_budget: int | None = None  # what this call may still spend; None: no limit
+    attempt: int = 1
+
+
+@dataclass
+class PrepareChangeInput:
+    build_id: str
+    project_id: str
+    base_build_id: str | None
+    edits: list[FileEdit] = field(default_factory=list)
+    note: str = ""
+
+
+@dataclass
+class PreparedChange:
+    """SCAFFOLD output of a change: its base, and the base's files with the explicit edits applied."""
+
+    goal: str
+    base_build_id: str
+    base_version: str | None
+    code: CodeResult
+    scaffold: ScaffoldState
+
+
+@dataclass
+class AttemptInput:
+    build_id: str
+    attempt: int  # the attempt that failed (1 = the first try)
+    max_attempts: int
+    failure: FailureInfo
+    at: str = ""
+
+
+@dataclass
+class SyncFilesInput:
+    build_id: str
+    sandbox_id: str
+    workspace_path: str
+    old_files: list[FileManifestEntry]
+    new_files: list[FileManifestEntry]
+
+
+@dataclass
+class SyncFilesResult:
+    written: int
+    deleted: int
+    dependencies_changed: bool
 
 
 @dataclass
@@ -103,6 +252,9 @@ class CodeResult:
     files: list[FileManifestEntry]
     manifest_digest: str
     total_bytes: int
+    tokens_used: int = 0  # model tokens this call spent
+    summary: str = ""  # the runner's account of what it changed
+    changed: bool = True  # False: the runner returned no change (a fix that fixes nothing)
 
 
 @dataclass
@@ -112,6 +264,7 @@ class SandboxInput:
     workspace_path: str
     files: list[FileManifestEntry] = field(default_factory=list)
     sandbox_id: str | None = None
+    reinstall: bool = False  # install again even if this sandbox installed before (a fix changed them)
 
 
 @dataclass

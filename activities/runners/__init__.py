@@ -23,8 +23,19 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Capability", "Failure", "Progress", "Runner", "RunnerResult", "RunnerTask", "TemplateRunner", "Usage",
-    "build_runner", "no_progress",
+    "build_runner", "capabilities_of", "no_progress",
 ]
+
+# What each runner kind can do, known without building one (the API checks requests against it).
+# Each runner class declares the same set; tests/unit checks they agree.
+CAPABILITIES: dict[str, frozenset[Capability]] = {
+    "template": TemplateRunner.capabilities,
+    "llm": frozenset(Capability),
+}
+
+
+def capabilities_of(kind: str) -> frozenset[Capability]:
+    return CAPABILITIES.get(kind, frozenset())
 
 
 def build_runner(kind: str, settings: Settings) -> Runner:

@@ -20,6 +20,7 @@ from genloop.settings import Settings
 from genloop.temporal import connect
 from persistence.repository import JobRepository
 from workflows.build import BuildWorkflow
+from workflows.project import ProjectWorkflow
 
 log = logging.getLogger("genloop.worker")
 
@@ -34,7 +35,7 @@ def build_worker(
 ) -> Worker:
     options: dict[str, Any] = dict(
         task_queue=task_queue or settings.temporal.task_queue,
-        workflows=[BuildWorkflow],
+        workflows=[BuildWorkflow, ProjectWorkflow],
         activities=activities,
         max_concurrent_activities=settings.worker.max_concurrent_activities,
         max_concurrent_local_activities=settings.worker.max_concurrent_local_activities,
@@ -56,6 +57,8 @@ def production_activities(
         SandboxClient(SandboxConfig.from_settings(settings)),
         runners,
         app_port=settings.sandbox.app_port,
+        fix_attempts=settings.runner.fix_attempts,
+        token_budget=settings.runner.max_tokens_per_build,
     )
 
 

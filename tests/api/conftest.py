@@ -41,6 +41,8 @@ class SlowOnRequestRunnerDouble:
     """The template runner, except that goals containing SLOW_MARKER sit in CODE for a minute, so a
     cancel through the API lands mid-build. (The API only offers the "template" runner.)"""
 
+    capabilities = TemplateRunner.capabilities
+
     def __init__(self) -> None:
         self._fast = TemplateRunner()
         self._slow = doubles.SlowRunnerDouble(seconds=60)

@@ -36,7 +36,7 @@ MATRIX = [
     pytest.param("POST", BUILDS, JSON, b'{"goal": "\\ud800"}', 422, "validation_failed", id="lone-surrogate"),
     pytest.param("POST", BUILDS, JSON, body(42), 422, "validation_failed", id="goal-not-a-string"),
     pytest.param("POST", BUILDS, JSON, body(runner="llm"), 422, "validation_failed", id="runner-not-offered"),
-    pytest.param("POST", BUILDS, JSON, body("x" * 70_000), 413, "payload_too_large", id="oversized-body"),
+    pytest.param("POST", BUILDS, JSON, body("x" * 11 * 1024 * 1024), 413, "payload_too_large", id="oversized-body"),
     pytest.param("POST", BUILDS, {"Content-Type": "text/plain"}, body(), 415, "unsupported_media_type", id="text-plain"),
     pytest.param("POST", BUILDS, {}, body(), 415, "unsupported_media_type", id="no-content-type"),
     pytest.param("POST", BUILDS, {"Content-Type": "application/json; charset=latin-1"}, body(), 415,
@@ -83,7 +83,7 @@ async def test_wrong_method_names_the_allowed_ones(http):
 @SQLITE_ONLY
 async def test_oversized_chunked_body_is_refused_while_streaming(http):
     async def chunks():
-        for _ in range(100):
+        for _ in range(11 * 1024):
             yield b"x" * 1024
 
     response = await http.post(BUILDS, headers=JSON, content=chunks())
@@ -158,13 +158,22 @@ async def test_openapi_describes_every_route(http):
         "/v1/builds/{build_id}": {"get"},
         "/v1/builds/{build_id}/events": {"get"},
         "/v1/builds/{build_id}/cancel": {"post"},
+        "/v1/projects/{project_id}": {"get"},
+        "/v1/builds/{build_id}/files": {"get"},
+        "/v1/builds/{build_id}/files/{path}": {"get"},
+        "/v1/builds/{build_id}/diff": {"get"},
         "/healthz": {"get"},
         "/openapi.json": {"get"},
     }
     schemas = doc["components"]["schemas"]
-    trigger = schemas["TriggerBuild"]
+    body = doc["paths"]["/v1/projects/{project_id}/builds"]["post"]["requestBody"]["content"]["application/json"]
+    assert [ref["$ref"].rsplit("/", 1)[1] for ref in body["schema"]["oneOf"]] == [
+        "NewApp", "ChangeApp", "EditFiles", "RestoreVersion"
+    ]
+    trigger = schemas["NewApp"]
     assert trigger["additionalProperties"] is False and trigger["required"] == ["goal"]
     assert trigger["properties"]["goal"]["maxLength"] == 4000
+    assert schemas["RestoreVersion"]["required"] == ["base"] and schemas["EditFiles"]["required"] == ["edits"]
     runner = trigger["properties"]["runner"]
     assert runner.get("enum", [runner.get("const")]) == ["template"]  # pydantic writes one value as const
     assert schemas["ErrorBody"]["additionalProperties"] is False

@@ -11,13 +11,15 @@ import zipfile
 
 import e2b
 
-from activities.runners import RunnerResult, RunnerTask, TemplateRunner
+from activities.runners import Capability, RunnerResult, RunnerTask, TemplateRunner
 from activities.sandbox import SandboxClient
 from genloop.errors import ErrorKind, GenloopError
 
 
 class RateLimitedRunnerDouble:
     """Raises the LLM's rate-limit error `failures` times, then behaves like the template runner."""
+
+    capabilities = frozenset({Capability.NEW_APP})
 
     def __init__(self, failures: int = 1) -> None:
         self.failures = failures
@@ -33,6 +35,8 @@ class RateLimitedRunnerDouble:
 class CrashingRunnerDouble:
     """A runner bug: an unexpected exception, which is permanent for the build."""
 
+    capabilities = frozenset({Capability.NEW_APP})
+
     def __init__(self) -> None:
         self.calls = 0
 
@@ -44,6 +48,8 @@ class CrashingRunnerDouble:
 class BrokenAppRunnerDouble:
     """A partial build: the files are valid but the app crashes at start-up."""
 
+    capabilities = frozenset({Capability.NEW_APP})
+
     async def run(self, task: RunnerTask, progress) -> RunnerResult:
         result = await TemplateRunner().run(task, progress)
         result.files["app.py"] = "import sys\nprint('boom: missing DATABASE_URL', file=sys.stderr)\nsys.exit(3)\n"
@@ -53,6 +59,8 @@ class BrokenAppRunnerDouble:
 class TraversalRunnerDouble:
     """Emits a path that escapes the workspace."""
 
+    capabilities = frozenset({Capability.NEW_APP})
+
     async def run(self, task: RunnerTask, progress) -> RunnerResult:
         result = await TemplateRunner().run(task, progress)
         result.files["../../etc/evil"] = "pwned"
@@ -61,6 +69,8 @@ class TraversalRunnerDouble:
 
 class SlowRunnerDouble:
     """Takes `seconds` to write code, so a cancel lands during CODE."""
+
+    capabilities = frozenset({Capability.NEW_APP})
 
     def __init__(self, seconds: float = 60) -> None:
         self.seconds = seconds
@@ -79,6 +89,8 @@ class SlowRunnerDouble:
 
 class SlowStartRunnerDouble:
     """An app that takes `seconds` before it binds its port, so a cancel lands during CHECKS."""
+
+    capabilities = frozenset({Capability.NEW_APP})
 
     def __init__(self, seconds: int = 60) -> None:
         self.seconds = seconds
@@ -112,6 +124,8 @@ def _wheel(name: str, version: str, module_source: str) -> bytes:
 
 class DependencyRunnerDouble:
     """The template app plus a declared dependency (a local wheel) that the app imports at start."""
+
+    capabilities = frozenset({Capability.NEW_APP})
 
     PACKAGE = "genloop_demo_dep"
 
@@ -157,6 +171,8 @@ def _activity_attempt() -> int:
 class GatedRunnerDouble:
     """CODE waits until the file `gate_dir/<build id>` exists (the test opens the gate) on its first
     attempt; a retried attempt (after a worker crash, a DB outage...) does not wait."""
+
+    capabilities = frozenset({Capability.NEW_APP})
 
     def __init__(self, gate_dir: str) -> None:
         self.gate_dir = gate_dir
@@ -213,6 +229,8 @@ class SlowInstallRunnerDouble:
     """The template app plus a local dependency whose build takes `seconds` the first time it is built
     in a sandbox, so a fault lands during DEPS (`pip install`); the app imports it at start-up."""
 
+    capabilities = frozenset({Capability.NEW_APP})
+
     PACKAGE = "genloop_slow_dep"
     MARKER = "/tmp/.genloop-slow-dep-built-once"  # exists once the slow build has begun
 
@@ -234,6 +252,8 @@ class SlowInstallRunnerDouble:
 class LateBindingAppRunnerDouble:
     """An app that sleeps `seconds` before binding its port the first time it is launched in a
     sandbox (later launches bind at once), so a fault lands during CHECKS."""
+
+    capabilities = frozenset({Capability.NEW_APP})
 
     MARKER = "/tmp/.genloop-app-launched-once"  # exists once the app's first launch has begun
 

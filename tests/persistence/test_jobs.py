@@ -117,7 +117,9 @@ async def test_concurrent_identical_transitions_record_one_row(repo: JobReposito
     ("reach", "target"),
     [
         (Stage.QUEUED, Stage.CODE),  # skipping stages
-        (Stage.DEPS, Stage.SCAFFOLD),  # backward from anywhere but checks
+        (Stage.DEPS, Stage.SCAFFOLD),  # backward, except to CODE for a fix
+        (Stage.CHECKS, Stage.SCAFFOLD),
+        (Stage.CODE, Stage.SCAFFOLD),
         (Stage.READY, Stage.FAILED),  # out of a terminal stage
         (Stage.QUEUED, Stage.READY),
     ],
@@ -137,15 +139,16 @@ async def test_illegal_transition_raises_and_writes_nothing(repo: JobRepository,
     assert stored is not None and stored.stage is reach
 
 
-async def test_fix_attempt_loops_back_from_checks(repo: JobRepository) -> None:
+async def test_fix_attempts_loop_back_to_code(repo: JobRepository) -> None:
     build_id = await new_job(repo)
     await advance(repo, build_id, Stage.CHECKS)
 
-    for stage in (Stage.SCAFFOLD, Stage.CODE, Stage.DEPS, Stage.CHECKS, Stage.READY):
+    # checks -> code (the app did not start), deps -> code (its dependencies did not install).
+    for stage in (Stage.CODE, Stage.DEPS, Stage.CODE, Stage.DEPS, Stage.CHECKS, Stage.READY):
         await repo.transition(build_id, stage)
 
     transitions = await repo.list_transitions(build_id)
-    assert [t.stage for t in transitions][-6:] == ["checks", "scaffold", "code", "deps", "checks", "ready"]
+    assert [t.stage for t in transitions][-7:] == ["checks", "code", "deps", "code", "deps", "checks", "ready"]
     assert [t.seq for t in transitions] == list(range(1, len(transitions) + 1))
 
 

@@ -18,8 +18,9 @@ from persistence.repository import JobRepository
 from tests.helpers.databases import DatabaseFactory, inspect_schema, run_sync_on
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+HEAD = "0004"
 SANDBOX_COLUMNS = {"sandbox_id", "preview_url", "build_version", "workspace_path"}
-ALL_TABLES = {"alembic_version", "jobs", "job_transitions", "build_counters", "blobs"}
+ALL_TABLES = {"alembic_version", "jobs", "job_transitions", "build_counters", "blobs", "build_files", "build_attempts"}
 
 
 async def test_upgrade_downgrade_upgrade_keeps_jobs(db_factory: DatabaseFactory) -> None:
@@ -27,7 +28,7 @@ async def test_upgrade_downgrade_upgrade_keeps_jobs(db_factory: DatabaseFactory)
     assert await current_revision(url) is None
 
     await upgrade(url)
-    assert await current_revision(url) == "0003"
+    assert await current_revision(url) == HEAD
     assert set(await inspect_schema(url)) == ALL_TABLES
     repo = JobRepository.from_url(url)
     try:
@@ -50,7 +51,7 @@ async def test_upgrade_downgrade_upgrade_keeps_jobs(db_factory: DatabaseFactory)
     assert set(await inspect_schema(url)) == {"alembic_version"}
 
     await upgrade(url)
-    assert await current_revision(url) == "0003"
+    assert await current_revision(url) == HEAD
     assert set(await inspect_schema(url)) == ALL_TABLES
 
 
@@ -94,7 +95,7 @@ async def test_concurrent_upgrades_in_one_process(db_factory: DatabaseFactory) -
     )
 
     for url in (same, other, threaded):
-        assert await current_revision(url) == "0003"
+        assert await current_revision(url) == HEAD
 
 
 async def test_concurrent_upgrades_across_processes(db_factory: DatabaseFactory) -> None:
@@ -115,12 +116,12 @@ async def test_concurrent_upgrades_across_processes(db_factory: DatabaseFactory)
     results = await asyncio.wait_for(asyncio.gather(*(p.communicate() for p in procs)), timeout=120)
 
     assert [p.returncode for p in procs] == [0, 0, 0], [err.decode() for _, err in results]
-    assert await current_revision(url) == "0003"
+    assert await current_revision(url) == HEAD
 
 
 async def test_upgrade_is_idempotent_at_head(migrated_db_url: str) -> None:
     await upgrade(migrated_db_url)
-    assert await current_revision(migrated_db_url) == "0003"
+    assert await current_revision(migrated_db_url) == HEAD
 
 
 async def test_unmigrated_database_is_not_reported_as_unavailable(db_factory: DatabaseFactory) -> None:

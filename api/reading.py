@@ -10,7 +10,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
 from api.errors import ApiError
-from api.schemas import ID_PATTERN, ErrorCode, fullmatch
+from api.schemas import ID_PATTERN, ErrorCode, TriggerShapes, fullmatch
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -87,6 +87,32 @@ async def json_body(request: Request, model: type[M], max_bytes: int, *, require
     parseable, 422 parseable but not what `model` accepts. None when optional and absent."""
     if not required and not _has_body(request):
         return None
+    return _validated(model, await _json(request, max_bytes))
+
+
+async def shaped_body(request: Request, shapes: TriggerShapes, max_bytes: int) -> BaseModel:
+    """A body that must be exactly one of `shapes` (chosen by its keys): 422 when it is none."""
+    data = await _json(request, max_bytes)
+    model = shapes.model_for(data)
+    if model is None:
+        raise ApiError(422, ErrorCode.VALIDATION_FAILED, SHAPES_MESSAGE)
+    return _validated(model, data)
+
+
+SHAPES_MESSAGE = (
+    "body: must be exactly one of {\"goal\"} (a new app), {\"change\", \"base\"?, \"edits\"?} (a change), "
+    "{\"edits\", \"base\"?} (file edits) or {\"base\"} (restore a version), each with an optional \"runner\""
+)
+
+
+def _validated(model: type[M], data: Any) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(422, ErrorCode.VALIDATION_FAILED, _describe(exc)) from None
+
+
+async def _json(request: Request, max_bytes: int) -> Any:
     if not is_json_media_type(request.headers.get("content-type")):
         raise ApiError(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, "the body must be application/json (UTF-8)")
     too_large = ApiError(413, ErrorCode.PAYLOAD_TOO_LARGE, f"the body must be at most {max_bytes} bytes")
@@ -100,13 +126,9 @@ async def json_body(request: Request, model: type[M], max_bytes: int, *, require
         if len(received) > max_bytes:
             raise too_large
     try:
-        data = json.loads(received.decode("utf-8"), parse_constant=_reject_constant)
+        return json.loads(received.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise ApiError(400, ErrorCode.MALFORMED_JSON, "the body is not valid JSON") from None
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise ApiError(422, ErrorCode.VALIDATION_FAILED, _describe(exc)) from None
 
 
 _MESSAGES = {

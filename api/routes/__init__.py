@@ -1,0 +1,23 @@
+"""The HTTP routes, one module per resource: builds, projects, files, health."""
+
+from __future__ import annotations
+
+from starlette.routing import Route
+
+from api.routes.builds import ProjectBuilds, build_events, cancel_build, get_build
+from api.routes.files import diff, get_file, list_files
+from api.routes.health import healthz, openapi
+from api.routes.projects import get_project
+
+ROUTES = [
+    Route("/v1/projects/{project_id}/builds", ProjectBuilds),
+    Route("/v1/projects/{project_id}", get_project, methods=["GET"]),
+    Route("/v1/builds/{build_id}", get_build, methods=["GET"]),
+    Route("/v1/builds/{build_id}/events", build_events, methods=["GET"]),
+    Route("/v1/builds/{build_id}/cancel", cancel_build, methods=["POST"]),
+    Route("/v1/builds/{build_id}/files", list_files, methods=["GET"]),
+    Route("/v1/builds/{build_id}/files/{path:path}", get_file, methods=["GET"]),
+    Route("/v1/builds/{build_id}/diff", diff, methods=["GET"]),
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/openapi.json", openapi, methods=["GET"]),
+]
