@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from genloop.http import is_loopback_name
 
@@ -119,13 +119,29 @@ class ApiSettings(_Section):
 
 
 class RunnerSettings(_Section):
-    kind: Literal["template", "llm"] = "template"
-    llm_api_key: SecretStr = SecretStr("")
-    llm_base_url: str = "https://api.anthropic.com"
-    llm_model: str = "claude-sonnet-4-5"
-    llm_timeout_s: float = Field(300, gt=0)
-    fix_attempts: int = Field(2, ge=0, le=10)  # repairs a build may try after its app fails (runners that can fix)
-    max_tokens_per_build: int = Field(0, ge=0)  # model tokens (input + output, all attempts); 0: no limit
+    kind: Literal["template", "llm"] = "template"  # the default runner of a build that names none
+    llm_provider: Literal["openai", "anthropic"] = "openai"  # wire protocol: openai = any OpenAI-compatible server
+    llm_base_url: str = ""  # endpoint URL (Ollama: http://127.0.0.1:11434/v1); empty: the provider's own
+    llm_model: str = ""  # model name sent to the provider; empty: the provider's default (runners/llm.py)
+    llm_api_key: SecretStr = SecretStr("")  # secret; may stay empty for a keyless local endpoint (base URL set)
+    llm_timeout_s: float = Field(300, gt=0)  # seconds one model call may take before it fails (transient)
+    llm_max_output_tokens: int = Field(16000, ge=256)  # tokens one model response may produce at most
+    max_tokens_per_build: int = Field(0, ge=0)  # input + output tokens over all of a build's calls; 0: unlimited
+    fix_attempts: int = Field(2, ge=0, le=10)  # fix attempts after a failed DEPS/CHECKS before the build fails
+
+    @property
+    def llm_configured(self) -> bool:
+        """A key, or an endpoint of our own (a local server needs no key): the LLM runner can be offered."""
+        return bool(self.llm_api_key.get_secret_value() or self.llm_base_url)
+
+    @model_validator(mode="after")
+    def _llm_needs_an_endpoint(self) -> RunnerSettings:
+        if self.kind == "llm" and not self.llm_configured:
+            raise ConfigError(
+                "runner.kind is 'llm' but no model endpoint is configured: set GENLOOP_RUNNER_LLM_API_KEY "
+                "(or GENLOOP_RUNNER_LLM_BASE_URL for a keyless local server)"
+            )
+        return self
 
 
 class Settings(_Section):
@@ -171,7 +187,7 @@ class Settings(_Section):
     def available_runners(self) -> tuple[str, ...]:
         """The runners this deployment offers, the configured default first."""
         runners = ["template"]
-        if self.runner.llm_api_key.get_secret_value():
+        if self.runner.llm_configured:
             runners.append("llm")
         runners.sort(key=lambda r: r != self.runner.kind)
         return tuple(runners)
@@ -196,7 +212,7 @@ _STANDARD_ENV = {
     "E2B_API_URL": ("sandbox", "api_url"),
     "GENLOOP_API_TOKEN": ("api", "token"),
     "GENLOOP_DATABASE_URL": ("database", "url"),
-    "GENLOOP_LLM_API_KEY": ("runner", "llm_api_key"),
+    "GENLOOP_LLM_API_KEY": ("runner", "llm_api_key"),  # short alias of GENLOOP_RUNNER_LLM_API_KEY
 }
 
 
