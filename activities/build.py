@@ -18,7 +18,7 @@ from e2b import CommandExitException
 from temporalio import activity
 
 from activities.edits import FileSet, apply_changes, digest_of, text_files
-from activities.runners import Capability, Failure, Runner, RunnerResult, RunnerTask
+from activities.runners import Capability, Failure, Runner, RunnerResult, RunnerTask, Usage, usage_of
 from activities.sandbox import SandboxClient, classify_sandbox_error
 from genloop.errors import ErrorKind, GenloopError, redact_secrets, to_application_error
 from genloop.http import preview_client
@@ -241,7 +241,6 @@ class BuildActivities:
         can_fix = Capability.FIX in getattr(runner, "capabilities", frozenset())
         state.can_fix = can_fix
         state.fix_attempts = self.fix_attempts if can_fix else 0
-        state.token_budget = self.token_budget
         return state
 
     @activity.defn(name="prepare_change")
@@ -312,21 +311,37 @@ class BuildActivities:
             failure=Failure(req.failure.stage, req.failure.command, req.failure.exit_code, req.failure.output)
             if req.failure is not None
             else None,
-            token_budget=req.token_budget,
+            token_budget=await self._token_budget(req.build_id),
         )
-        result = await self._run_runner(req.build_id, runner, task)
+        try:
+            result = await self._run_runner(req.build_id, runner, task)
+        except GenloopError as err:
+            await self._record_usage(req.build_id, usage_of(err))  # a failed call still spent tokens
+            raise
         usage = result.usage
-        if usage.calls:
-            await self.repo.add_usage(req.build_id, tokens_in=usage.input_tokens, tokens_out=usage.output_tokens,
-                                      calls=usage.calls, model=usage.model)
+        await self._record_usage(req.build_id, usage)
         if result.empty and kind is not Capability.NEW_APP:
             code = _manifest_result(req.files)
-            code.changed, code.tokens_used, code.summary = False, usage.total_tokens, result.summary
+            code.changed, code.summary = False, result.summary
             return code
         files = apply_changes(current, result.files, result.deleted)
         code = await self._store_files(req.build_id, files)
-        code.tokens_used, code.summary = usage.total_tokens, result.summary
+        code.summary = result.summary
         return code
+
+    async def _token_budget(self, build_id: str) -> int | None:
+        """What this build may still spend (runner.max_tokens_per_build less what every earlier call,
+        failed ones included, spent); None without a limit."""
+        if not self.token_budget:
+            return None
+        job = await self.repo.get(build_id)
+        spent = job.tokens_in + job.tokens_out if job is not None else 0
+        return max(0, self.token_budget - spent)
+
+    async def _record_usage(self, build_id: str, usage: Usage | None) -> None:
+        if usage is not None and usage.calls:
+            await self.repo.add_usage(build_id, tokens_in=usage.input_tokens, tokens_out=usage.output_tokens,
+                                      calls=usage.calls, model=usage.model)
 
     def _runner(self, name: str) -> Runner:
         runner = self.runners.get(name)

@@ -289,7 +289,7 @@ class JobRepository:
                         output=output, at=at or utcnow())
                 .on_conflict_do_nothing(index_elements=["build_id", "attempt"])
             )
-            job.attempt = max(job.attempt, attempt)
+            job.attempt = max(job.attempt, attempt + 1)  # the attempt now running
             job.max_attempts = max_attempts
             job.updated_at = utcnow()
 

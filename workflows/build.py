@@ -110,7 +110,6 @@ class BuildWorkflow:
         self._cancel_reason: str | None = None
         self._pipeline: asyncio.Task | None = None
         self._goal = req.goal
-        self._tokens_used = 0
         self._fix_stopped = ""  # why the fix loop gave up, for the failure detail
 
     # --- interface ---
@@ -218,7 +217,6 @@ class BuildWorkflow:
         self, state: ScaffoldState, kind: str, current: CodeResult | None, *, change: str = "",
         failure: FailureInfo | None = None,
     ) -> CodeResult:
-        budget = state.token_budget - self._tokens_used if state.token_budget else None
         code: CodeResult = await self._activity(
             "generate_code",
             CodeRequest(
@@ -231,12 +229,10 @@ class BuildWorkflow:
                 files=current.files if current is not None else [],
                 change=change,
                 failure=failure,
-                token_budget=budget,
                 attempt=self._status.attempt,
             ),
             CodeResult,
         )
-        self._tokens_used += code.tokens_used
         return code
 
     async def _deps_and_checks(

@@ -161,7 +161,6 @@ class ScaffoldState:
     runner: str = "template"
     can_fix: bool = False  # the runner can repair failing code
     fix_attempts: int = 0  # how many times it may try (runner.fix_attempts)
-    token_budget: int = 0  # model tokens the whole build may spend; 0: no limit
 
 
 @dataclass
@@ -188,7 +187,6 @@ class CodeRequest:
     files: list[FileManifestEntry] = field(default_factory=list)  # the current files (change, fix)
     change: str = ""
     failure: FailureInfo | None = None
-    token_budget: int | None = None  # what this call may still spend; None: no limit
     attempt: int = 1
 
 
@@ -252,7 +250,6 @@ class CodeResult:
     files: list[FileManifestEntry]
     manifest_digest: str
     total_bytes: int
-    tokens_used: int = 0  # model tokens this call spent
     summary: str = ""  # the runner's account of what it changed
     changed: bool = True  # False: the runner returned no change (a fix that fixes nothing)
 

@@ -14,6 +14,7 @@ from activities.runners.base import (
     RunnerTask,
     Usage,
     no_progress,
+    usage_of,
 )
 from activities.runners.template import TemplateRunner
 from genloop.errors import ErrorKind, GenloopError
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Capability", "Failure", "Progress", "Runner", "RunnerResult", "RunnerTask", "TemplateRunner", "Usage",
-    "build_runner", "capabilities_of", "no_progress",
+    "build_runner", "capabilities_of", "no_progress", "usage_of",
 ]
 
 # What each runner kind can do, known without building one (the API checks requests against it).

@@ -84,5 +84,12 @@ class Runner(Protocol):
         ...
 
 
+def usage_of(exc: BaseException) -> Usage | None:
+    """The tokens a runner spent before it raised (a runner attaches them as `exc.usage`), so a
+    failed attempt still counts against the build's budget. None when it made no call."""
+    usage = getattr(exc, "usage", None)
+    return usage if isinstance(usage, Usage) and usage.calls else None
+
+
 def no_progress(message: str) -> None:
     """A Progress that drops the messages (unit tests, benchmarks)."""

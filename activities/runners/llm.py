@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from activities.edits import EditMiss, FileSet, apply_changes, replace_once, safe_relative_path
 from activities.runners import prompts
-from activities.runners.base import Capability, Progress, RunnerResult, RunnerTask, Usage
+from activities.runners.base import Capability, Progress, RunnerResult, RunnerTask, Usage, usage_of  # noqa: F401
 from activities.runners.providers import model_client
 from activities.runners.providers.base import (
     AssistantMessage,
@@ -101,12 +101,6 @@ class LLMRunner:
             # What failed attempts spent still counts against the build's budget: the caller reads it here.
             exc.usage = replace(session.usage)  # type: ignore[attr-defined]
             raise
-
-
-def usage_of(exc: BaseException) -> Usage | None:
-    """The tokens a failed `LLMRunner.run` spent before it raised (None when it made no call)."""
-    usage = getattr(exc, "usage", None)
-    return usage if isinstance(usage, Usage) and usage.calls else None
 
 
 class _CallError(Exception):

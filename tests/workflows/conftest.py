@@ -49,7 +49,8 @@ def sandbox_config(host) -> SandboxConfig:
 
 
 @contextlib.asynccontextmanager
-async def make_stack(client, host, repo, *, sandbox_client_cls=SandboxClient, health_deadline_s: float = 20):
+async def make_stack(client, host, repo, *, sandbox_client_cls=SandboxClient, health_deadline_s: float = 20,
+                     extra_runners: dict[str, Any] | None = None, fix_attempts: int = 0, token_budget: int = 0):
     runners: dict[str, Any] = {
         "template": TemplateRunner(),
         "rate-limited": doubles.RateLimitedRunnerDouble(failures=2),
@@ -59,9 +60,11 @@ async def make_stack(client, host, repo, *, sandbox_client_cls=SandboxClient, he
         "slow": doubles.SlowRunnerDouble(),
         "slow-start": doubles.SlowStartRunnerDouble(),
         "with-dependency": doubles.DependencyRunnerDouble(),
+        **(extra_runners or {}),
     }
     sandboxes = sandbox_client_cls(sandbox_config(host))
-    acts = BuildActivities(repo, sandboxes, runners, health_deadline_s=health_deadline_s)
+    acts = BuildActivities(repo, sandboxes, runners, health_deadline_s=health_deadline_s, fix_attempts=fix_attempts,
+                           token_budget=token_budget)
     task_queue = f"tq-{uuid.uuid4().hex}"
     worker = build_worker(client, load_settings(), acts.all(), task_queue=task_queue)
     async with worker:
