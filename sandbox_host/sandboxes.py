@@ -363,7 +363,7 @@ class SandboxManager:
                     egress_socket=f"{isolation.EGRESS_DIR_INSIDE}/{SOCKET_NAME}" if egress else None,
                 )
                 cmd = limits + isolation.bwrap_args(
-                    bwrap=isolation.find_tool("bwrap"),
+                    bwrap=isolation.bwrap_binary(),
                     home_dir=sandbox.directory / "home",
                     tmp_dir=sandbox.directory / "tmp",
                     run_dir=sandbox.run_dir,

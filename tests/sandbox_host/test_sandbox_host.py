@@ -375,11 +375,14 @@ async def test_restart_adopts_sandboxes_and_leaves_no_orphans(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ no bubblewrap
-async def test_refuses_to_start_without_bubblewrap_unless_unsafe(tmp_path):
+async def test_refuses_to_start_when_bubblewrap_fails_unless_unsafe(tmp_path):
     tools = tmp_path / "bin"
     tools.mkdir()
-    for tool in ("prlimit", "kill"):  # everything but bwrap
+    for tool in ("prlimit", "kill"):
         (tools / tool).symlink_to(shutil.which(tool))
+    # A system bwrap on PATH wins over the wheel's: one that cannot create sandboxes must be refused.
+    (tools / "bwrap").write_text("#!/bin/sh\necho 'bwrap: setting up uid map: Permission denied' >&2\nexit 1\n")
+    (tools / "bwrap").chmod(0o755)
     state = Path(tempfile.mkdtemp(prefix="sandbox-host-nobwrap-"))
     state.chmod(0o711)
     try:
