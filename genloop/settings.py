@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_FILE = REPO_ROOT / "temporal-dev.yaml"
@@ -104,6 +104,15 @@ class SandboxHostSettings(_Section):
     disk_limit_mb: int = Field(1024, ge=16)
     max_upload_mb: int = Field(100, ge=1)
     unsafe_no_isolation: bool = False
+    # CIDRs sandboxes may reach although egress denies them (a package mirror on the LAN); never loopback.
+    egress_allowed_networks: list[str] = Field(default_factory=list)
+
+    @field_validator("egress_allowed_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            ipaddress.ip_network(network, strict=False)  # ValueError names the bad entry
+        return value
 
 
 class ApiSettings(_Section):
@@ -223,9 +232,9 @@ def _env_overrides(environ: dict[str, str], raw: dict[str, Any]) -> dict[str, An
 
 
 def _parse_env(value: str) -> Any:
-    # JSON-ish values (mappings for pragmas / search attributes) parse as YAML; scalars stay strings
-    # and pydantic coerces them.
-    if value.startswith("{"):
+    # JSON-ish values (mappings for pragmas / search attributes, lists) parse as YAML; scalars stay
+    # strings and pydantic coerces them.
+    if value.startswith(("{", "[")):
         return yaml.safe_load(value)
     return value
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ class HostConfig:
     max_sandboxes: int
     limits: Limits
     max_upload_bytes: int
+    egress_allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     isolated: bool
 
     @classmethod
@@ -45,5 +47,8 @@ class HostConfig:
                 disk_mb=section.disk_limit_mb,
             ),
             max_upload_bytes=section.max_upload_mb * 1024 * 1024,
+            egress_allowed_networks=tuple(
+                ipaddress.ip_network(n, strict=False) for n in section.egress_allowed_networks
+            ),
             isolated=not section.unsafe_no_isolation,
         )

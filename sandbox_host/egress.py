@@ -5,10 +5,10 @@ A sandbox's network namespace has loopback only. When a sandbox is created with 
 connection through a unix socket (state_dir/egress/proxy.sock, bind-mounted into every sandbox) to
 this proxy, and commands get HTTP(S)_PROXY pointing there, so pip and npm reach their registries.
 
-Only CONNECT tunnels are served, and never to the host itself or its networks: loopback,
-link-local, private (RFC 1918 / ULA), multicast and unspecified addresses, and the host's own
-interface addresses, are refused. Names are resolved here and the checked address is the one
-dialled, so DNS cannot be used to slip past the check.
+Only CONNECT tunnels are served, and only to addresses `may_dial` accepts: globally reachable
+unicast that is not one of the host's own addresses or connected subnets, plus the networks the
+operator explicitly allows (`egress_allowed_networks`, e.g. a package mirror on the LAN). Names are
+resolved here and the checked address is the one dialled, so DNS cannot slip past the check.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import ipaddress
 import logging
 import os
 import socket
+from collections.abc import Iterable
 from pathlib import Path
 
 import psutil
@@ -29,10 +30,87 @@ SOCKET_NAME = "proxy.sock"
 MAX_HEAD_BYTES = 8192
 CONNECT_TIMEOUT_S = 15
 CHUNK = 64 * 1024
-DENIED_NETWORKS = [
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# What `is_global` (Python 3.11's registry snapshot) still calls global but no sandbox may dial.
+_NOT_GLOBAL = [
     ipaddress.ip_network(n)
-    for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "0.0.0.0/8", "fc00::/7")
+    for n in (
+        "192.88.99.0/24",  # 6to4 relay anycast (deprecated, RFC 7526)
+        "::/96",  # IPv4-compatible (deprecated, RFC 4291): never dialled legitimately
+        "64:ff9b:1::/48",  # local-use NAT64 (RFC 8215)
+        "fec0::/10",  # site-local (deprecated, RFC 3879)
+        "3fff::/20",  # documentation (RFC 9637)
+        "5f00::/16",  # SRv6 SIDs (RFC 9602)
+        "2001::/23",  # IETF protocol assignments, Teredo included (newer Pythons list exceptions)
+    )
 ]
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known NAT64 prefix (RFC 6052)
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries (mapped, NAT64, 6to4, Teredo server and client):
+    dialling it reaches them, so they are judged too."""
+    found = []
+    if ip.ipv4_mapped is not None:
+        found.append(ip.ipv4_mapped)
+    if ip in _NAT64:
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    if ip.sixtofour is not None:
+        found.append(ip.sixtofour)
+    if ip.teredo is not None:
+        found.extend(ip.teredo)
+    return found
+
+
+def may_dial(
+    ip: IPAddress | str, host_networks: Iterable[IPNetwork] = (), allowed: Iterable[IPNetwork] = ()
+) -> bool:
+    """May a sandbox's egress proxy connect to `ip`?
+
+    `host_networks`: the host's own addresses and connected subnets (`host_networks()`), never
+    reachable from a sandbox. `allowed`: the operator's exceptions, which win over every rule but
+    loopback, unspecified and multicast.
+    """
+    if isinstance(ip, str):
+        ip = ipaddress.ip_address(ip.split("%")[0])
+    networks, allowed = list(host_networks), list(allowed)
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(ip)
+        if ip.ipv4_mapped is not None or ip in _NAT64:
+            # Really an IPv4 connection: only the embedded address counts (Python files both
+            # prefixes under reserved ::/8).
+            return all(may_dial(v4, networks, allowed) for v4 in embedded)
+        if any(not may_dial(v4, networks, allowed) for v4 in embedded):
+            return False
+    if ip.is_loopback or ip.is_unspecified or ip.is_multicast:
+        return False
+    if any(ip in net for net in allowed if net.version == ip.version):
+        return True
+    if not ip.is_global or ip.is_reserved or ip.is_link_local:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
+        return False
+    if any(ip in net for net in _NOT_GLOBAL if net.version == ip.version):
+        return False
+    return not any(ip in net for net in networks if net.version == ip.version)
+
+
+def host_networks() -> list[IPNetwork]:
+    """Every address of this host and the subnet each interface is connected to (gateway and LAN)."""
+    found: list[IPNetwork] = []
+    for addrs in psutil.net_if_addrs().values():
+        for addr in addrs:
+            if addr.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            for value in (addr.address, getattr(addr, "ptp", None)):
+                if value:
+                    found.append(ipaddress.ip_network(value.split("%")[0]))
+            if addr.netmask:
+                prefix = bin(int(ipaddress.ip_address(addr.netmask.split("/")[0]))).count("1")
+                found.append(ipaddress.ip_network(f"{addr.address.split('%')[0]}/{prefix}", strict=False))
+    return found
 
 
 def proxy_env() -> dict[str, str]:
@@ -42,30 +120,13 @@ def proxy_env() -> dict[str, str]:
     return env
 
 
-def _host_addresses() -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    found = set()
-    for addrs in psutil.net_if_addrs().values():
-        for addr in addrs:
-            if addr.family in (socket.AF_INET, socket.AF_INET6):
-                found.add(ipaddress.ip_address(addr.address.split("%")[0]))
-    return found
-
-
-def address_allowed(address: str, host_addresses: set) -> bool:
-    ip = ipaddress.ip_address(address.split("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip in host_addresses:
-        return False
-    return not any(ip in net for net in DENIED_NETWORKS if net.version == ip.version)
-
-
 class EgressProxy:
-    def __init__(self, state_dir: Path):
+    def __init__(self, state_dir: Path, allowed: Iterable[IPNetwork] = ()):
         self.directory = state_dir / "egress"
         self.socket_path = self.directory / SOCKET_NAME
         self._server: asyncio.AbstractServer | None = None
-        self._host_addresses = _host_addresses()
+        self._host_networks = host_networks()
+        self._allowed = list(allowed)
 
     async def start(self) -> None:
         self.directory.mkdir(mode=0o755, exist_ok=True)
@@ -101,7 +162,7 @@ class EgressProxy:
         except (socket.gaierror, UnicodeError):
             await self._refuse(writer, 502, f"cannot resolve {host}")
             return
-        allowed = [info for info in infos if address_allowed(info[4][0], self._host_addresses)]
+        allowed = [info for info in infos if may_dial(info[4][0], self._host_networks, self._allowed)]
         if not allowed or len(allowed) != len(infos):
             log.warning("refused egress to %s (%s)", parts[1], ", ".join(i[4][0] for i in infos))
             await self._refuse(writer, 403, f"{host} resolves to an address sandboxes may not reach")

@@ -133,7 +133,7 @@ class SandboxManager:
         self.state_dir = config.state_dir
         self.uid_base = isolation.uid_block(config.state_dir)
         self.sandboxes: dict[str, Sandbox] = {}
-        self.egress = EgressProxy(config.state_dir)
+        self.egress = EgressProxy(config.state_dir, config.egress_allowed_networks)
         self._idempotency: dict[str, dict[str, Any]] = {}
         self._pending_creates: dict[str, asyncio.Future[Sandbox]] = {}
         self._create_lock = asyncio.Lock()

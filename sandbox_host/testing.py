@@ -24,17 +24,37 @@ import httpx
 
 from genloop.settings import get_settings
 from sandbox_host.config import HostConfig
+from sandbox_host.egress import host_networks, may_dial
 from sandbox_host.isolation import IsolationUnavailable, check_traversable
 from sandbox_host.sandboxes import SandboxManager
 
 READY_TIMEOUT_S = 30.0
 REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_INDEXES = ("pypi.org", "files.pythonhosted.org", "registry.npmjs.org")
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def package_index_exceptions() -> list[str]:
+    """The addresses package indexes resolve to here that egress would deny.
+
+    Some machines (CI sandboxes) resolve PyPI to a mirror at a private or documentation address;
+    tests that install packages allow exactly those, as an operator with a mirror on the LAN would
+    (`sandbox_host.egress_allowed_networks`).
+    """
+    found: set[str] = set()
+    networks = host_networks()
+    for name in PACKAGE_INDEXES:
+        try:
+            infos = socket.getaddrinfo(name, 443, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError):
+            continue
+        found.update(info[4][0] for info in infos if not may_dial(info[4][0], networks))
+    return sorted(found)
 
 
 class RunningHost:
