@@ -104,6 +104,9 @@ class SandboxHostSettings(_Section):
     disk_limit_mb: int = Field(1024, ge=16)
     max_upload_mb: int = Field(100, ge=1)
     unsafe_no_isolation: bool = False
+    # Per sandbox: concurrent egress (CONNECT) connections, and concurrent preview connections.
+    max_egress_connections: int = Field(256, ge=1)
+    max_preview_connections: int = Field(512, ge=1)
     # CIDRs sandboxes may reach although egress denies them (a package mirror on the LAN); never loopback.
     egress_allowed_networks: list[str] = Field(default_factory=list)
 

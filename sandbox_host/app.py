@@ -68,7 +68,7 @@ class HostApp:
         self.manager = manager
         self.config = config
         self.control = ControlPlane(manager, config).app()
-        self.preview = PreviewProxy(manager)
+        self.preview = PreviewProxy(manager, config.max_preview_connections)
         self.connect_apps = envd.build_connect_apps(manager)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

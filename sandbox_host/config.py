@@ -26,11 +26,13 @@ class HostConfig:
     max_sandboxes: int
     limits: Limits
     max_upload_bytes: int
+    max_egress_connections: int
+    max_preview_connections: int
     egress_allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     isolated: bool
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "HostConfig":
+    def from_settings(cls, settings: Settings) -> HostConfig:
         section = settings.sandbox_host
         return cls(
             host=section.host,
@@ -47,6 +49,8 @@ class HostConfig:
                 disk_mb=section.disk_limit_mb,
             ),
             max_upload_bytes=section.max_upload_mb * 1024 * 1024,
+            max_egress_connections=section.max_egress_connections,
+            max_preview_connections=section.max_preview_connections,
             egress_allowed_networks=tuple(
                 ipaddress.ip_network(n, strict=False) for n in section.egress_allowed_networks
             ),

@@ -1,9 +1,10 @@
-"""Egress for isolated sandboxes: an HTTP CONNECT proxy on the host.
+"""Egress for isolated sandboxes: one HTTP CONNECT proxy per sandbox, on the host.
 
 A sandbox's network namespace has loopback only. When a sandbox is created with internet access
 (E2B's default), its agent listens on 127.0.0.1:3128 inside the namespace and relays each
-connection through a unix socket (state_dir/egress/proxy.sock, bind-mounted into every sandbox) to
-this proxy, and commands get HTTP(S)_PROXY pointing there, so pip and npm reach their registries.
+connection through a unix socket to this proxy, and commands get HTTP(S)_PROXY pointing there, so
+pip and npm reach their registries. Each sandbox has its own socket (state_dir/egress/<id>/,
+bind-mounted read-only at /run/e2b-egress), so its connection cap and its log lines are its own.
 
 Only CONNECT tunnels are served, and only to addresses `may_dial` accepts: globally reachable
 unicast that is not one of the host's own addresses or connected subnets, plus the networks the
@@ -28,8 +29,10 @@ log = logging.getLogger("sandbox_host.egress")
 PROXY_PORT_INSIDE = 3128
 SOCKET_NAME = "proxy.sock"
 MAX_HEAD_BYTES = 8192
+HEAD_TIMEOUT_S = 30
 CONNECT_TIMEOUT_S = 15
 CHUNK = 64 * 1024
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -121,74 +124,115 @@ def proxy_env() -> dict[str, str]:
 
 
 class EgressProxy:
-    def __init__(self, state_dir: Path, allowed: Iterable[IPNetwork] = ()):
-        self.directory = state_dir / "egress"
-        self.socket_path = self.directory / SOCKET_NAME
+    """One sandbox's CONNECT proxy: its own socket, connection cap and log budget.
+
+    Refusals are logged once per sandbox and counted (the count is logged when the proxy closes):
+    a sandbox opening thousands of connections must not grow the host's log with them.
+    """
+
+    def __init__(
+        self, sandbox_id: str, directory: Path, max_connections: int, allowed: Iterable[IPNetwork] = ()
+    ):
+        self.sandbox_id = sandbox_id
+        self.directory = directory
+        self.socket_path = directory / SOCKET_NAME
+        self.max_connections = max_connections
+        self.active = 0
+        self.refused = {"cap": 0, "denied": 0}
         self._server: asyncio.AbstractServer | None = None
         self._host_networks = host_networks()
         self._allowed = list(allowed)
 
-    async def start(self) -> None:
-        self.directory.mkdir(mode=0o755, exist_ok=True)
-        os.chmod(self.directory, 0o755)
-        if self.socket_path.exists() or self.socket_path.is_symlink():
+    async def start(self, owner_uid: int | None) -> None:
+        # Only the sandbox's uid may reach its proxy (the directory is 0700 and its own): other local
+        # users could otherwise use up its connection cap. Rootless hosts own it themselves.
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if owner_uid is not None:
+            os.chown(self.directory, owner_uid, owner_uid)
+        if self.socket_path.is_socket() or self.socket_path.is_symlink():
             self.socket_path.unlink()
-        self._server = await asyncio.start_unix_server(self._handle, path=str(self.socket_path))
-        os.chmod(self.socket_path, 0o666)  # sandboxes run as many different uids
+        # A full backlog makes the agent's connects fail with EAGAIN: let it hold every pending one.
+        self._server = await asyncio.start_unix_server(
+            self._handle, path=str(self.socket_path), backlog=socket.SOMAXCONN
+        )
+        os.chmod(self.socket_path, 0o666)
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
             self._server = None
+        if any(self.refused.values()):
+            log.info(
+                "sandbox %s: %d egress connections refused at the cap, %d to denied addresses",
+                self.sandbox_id,
+                self.refused["cap"],
+                self.refused["denied"],
+            )
+
+    def _note_refusal(self, kind: str, message: str, *args: object) -> None:
+        self.refused[kind] += 1
+        if self.refused[kind] == 1:
+            log.warning("sandbox %s: " + message + " (logged once per sandbox)", self.sandbox_id, *args)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.active >= self.max_connections:
+            self._note_refusal("cap", "egress refused: %d concurrent connections is the cap", self.max_connections)
+            await _refuse(writer, 503, "too many concurrent egress connections from this sandbox")
+            return
+        self.active += 1
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, OSError):
+            await self._serve(reader, writer)
+        except (OSError, asyncio.IncompleteReadError):
+            writer.close()
+        finally:
+            self.active -= 1
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT_S)
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             writer.close()
             return
         request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
         parts = request_line.split()
         if len(parts) != 3 or parts[0] != "CONNECT" or len(head) > MAX_HEAD_BYTES:
-            await self._refuse(writer, 405, "only CONNECT tunnels are supported (HTTPS_PROXY)")
+            await _refuse(writer, 405, "only CONNECT tunnels are supported (HTTPS_PROXY)")
             return
         host, _, port_text = parts[1].rpartition(":")
         host = host.strip("[]")
-        if not host or not port_text.isdigit():
-            await self._refuse(writer, 400, "bad CONNECT target")
+        if not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            await _refuse(writer, 400, "bad CONNECT target")
             return
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(host, int(port_text), type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError):
-            await self._refuse(writer, 502, f"cannot resolve {host}")
+            await _refuse(writer, 502, f"cannot resolve {host}")
             return
-        allowed = [info for info in infos if may_dial(info[4][0], self._host_networks, self._allowed)]
-        if not allowed or len(allowed) != len(infos):
-            log.warning("refused egress to %s (%s)", parts[1], ", ".join(i[4][0] for i in infos))
-            await self._refuse(writer, 403, f"{host} resolves to an address sandboxes may not reach")
+        addresses = [info[4][0] for info in infos]
+        if not addresses or not all(may_dial(a, self._host_networks, self._allowed) for a in addresses):
+            self._note_refusal("denied", "egress to %s (%s) denied", parts[1], ", ".join(addresses))
+            await _refuse(writer, 403, f"{host} resolves to an address sandboxes may not reach")
             return
-        address = allowed[0][4][0]
         try:
             up_reader, up_writer = await asyncio.wait_for(
-                asyncio.open_connection(address, int(port_text)), CONNECT_TIMEOUT_S
+                asyncio.open_connection(addresses[0], int(port_text)), CONNECT_TIMEOUT_S
             )
-        except (OSError, asyncio.TimeoutError):
-            await self._refuse(writer, 502, f"cannot connect to {parts[1]}")
+        except (TimeoutError, OSError):
+            await _refuse(writer, 502, f"cannot connect to {parts[1]}")
             return
         writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
 
-    @staticmethod
-    async def _refuse(writer: asyncio.StreamWriter, status: int, reason: str) -> None:
-        body = reason.encode()
-        writer.write(
-            f"HTTP/1.1 {status} {reason}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
-        )
-        try:
-            await writer.drain()
-        except OSError:
-            pass
-        writer.close()
+
+async def _refuse(writer: asyncio.StreamWriter, status: int, reason: str) -> None:
+    body = reason.encode()
+    head = f"HTTP/1.1 {status} {reason}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    writer.write(head.encode() + body)
+    try:
+        await writer.drain()
+    except OSError:
+        pass
+    writer.close()
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import resource
 import sys
 
 import uvicorn
@@ -60,7 +61,15 @@ def apply_overrides(settings: Settings, args: argparse.Namespace) -> Settings:
     return settings.model_copy(update={"sandbox_host": section})
 
 
+def raise_fd_limit() -> None:
+    """Every sandbox connection (preview, egress, envd) is a descriptor: use all the kernel allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def serve(config: HostConfig, log_level: str) -> int:
+    raise_fd_limit()
     config.state_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(config.state_dir, 0o711)
     if config.isolated:

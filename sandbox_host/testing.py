@@ -58,13 +58,23 @@ def package_index_exceptions() -> list[str]:
 
 
 class RunningHost:
-    def __init__(self, state_dir: Path, log_path: Path, port: int, api_key: str, overrides: dict[str, Any]):
+    def __init__(
+        self,
+        state_dir: Path,
+        log_path: Path,
+        port: int,
+        api_key: str,
+        overrides: dict[str, Any],
+        env: dict[str, str] | None = None,
+    ):
+        """`env`: extra environment variables of the host process."""
         self.state_dir = state_dir
         self.log_path = log_path
         self.port = port
         self.api_key = api_key
         self.url = f"http://127.0.0.1:{port}"
         self._overrides = overrides
+        self._env = env or {}
         self._process: asyncio.subprocess.Process | None = None
 
     @property
@@ -88,7 +98,7 @@ class RunningHost:
         return HostConfig.from_settings(settings.model_copy(update={"sandbox_host": section}))
 
     async def start(self) -> None:
-        env = dict(os.environ)
+        env = {**os.environ, **self._env}
         for key, value in self._overrides.items():
             env[f"GENLOOP_SANDBOX_HOST_{key.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
         args = ["--port", str(self.port), "--state-dir", str(self.state_dir), "--api-key", self.api_key]
@@ -136,8 +146,12 @@ class RunningHost:
 
 
 @contextlib.asynccontextmanager
-async def running_host(tmp_dir: Path | str, **setting_overrides: Any) -> AsyncIterator[RunningHost]:
+async def running_host(
+    tmp_dir: Path | str, *, env: dict[str, str] | None = None, **setting_overrides: Any
+) -> AsyncIterator[RunningHost]:
     """Start a host whose state lives under tmp_dir; `setting_overrides` are settings.sandbox_host fields.
+
+    `env`: extra environment variables of the host process.
 
     Sandboxes run as unprivileged uids that must be able to reach state_dir; when tmp_dir's parents
     are private (pytest's tmp_path is under a 0700 directory) the state goes to a fresh directory in
@@ -153,7 +167,7 @@ async def running_host(tmp_dir: Path | str, **setting_overrides: Any) -> AsyncIt
         own_dir = Path(tempfile.mkdtemp(prefix="sandbox-host-"))
         os.chmod(own_dir, 0o711)
         state_dir = own_dir / "state"
-    host = RunningHost(state_dir, tmp_dir / "sandbox-host.log", free_port(), api_key, setting_overrides)
+    host = RunningHost(state_dir, tmp_dir / "sandbox-host.log", free_port(), api_key, setting_overrides, env)
     await host.start()
     try:
         yield host

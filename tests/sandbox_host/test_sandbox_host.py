@@ -4,16 +4,13 @@ SDK has no call). Every test creates the sandboxes it needs and kills them."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
 import struct
 import sys
 import tempfile
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psutil
@@ -31,52 +28,9 @@ from e2b.exceptions import (
 from genloop.http import preview_client
 from sandbox_host.isolation import UID_BLOCK_SIZE, processes_of_uid, uid_block
 from sandbox_host.testing import RunningHost, running_host
+from tests.helpers.sandboxes import record_of, sandbox, serve
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-SERVER = (
-    "import http.server, sys\n"
-    "class H(http.server.BaseHTTPRequestHandler):\n"
-    "    def do_GET(self):\n"
-    "        body = open('/home/user/project/content.txt', 'rb').read()\n"
-    "        self.send_response(200); self.send_header('Content-Length', str(len(body))); self.end_headers()\n"
-    "        self.wfile.write(body)\n"
-    "    def log_message(self, *a): pass\n"
-    "http.server.ThreadingHTTPServer(('0.0.0.0', int(sys.argv[1])), H).serve_forever()\n"
-)
-
-
-@contextlib.asynccontextmanager
-async def sandbox(sdk: dict[str, Any], **kwargs: Any) -> AsyncIterator[AsyncSandbox]:
-    sb = await AsyncSandbox.create(**kwargs, **sdk)
-    try:
-        yield sb
-    finally:
-        await sb.kill()
-
-
-async def serve(sb: AsyncSandbox, content: str, port: int = 8080) -> str:
-    """Start the test server in the background (timeout=0: no deadline) and return its preview URL."""
-    await sb.files.write_files(
-        [
-            {"path": "/home/user/project/server.py", "data": SERVER},
-            {"path": "/home/user/project/content.txt", "data": content},
-        ]
-    )
-    await sb.commands.run(f"cd /home/user/project && python3 server.py {port}", background=True, timeout=0)
-    url = f"http://{sb.get_host(port)}/"
-    async with preview_client(timeout=5) as client:
-        for _ in range(200):
-            with contextlib.suppress(httpx.HTTPError):
-                if (await client.get(url)).status_code == 200:
-                    return url
-            await asyncio.sleep(0.05)
-    raise AssertionError(f"server on port {port} never answered through {url}")
-
-
-def record_of(host: RunningHost, sandbox_id: str) -> dict[str, Any]:
-    return json.loads((host.state_dir / sandbox_id / "record.json").read_text())
-
 
 def block_processes(host: RunningHost) -> dict[int, list[psutil.Process]]:
     """Live processes running as any uid of this host's sandbox uid block, by uid."""
