@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_FILE = REPO_ROOT / "temporal-dev.yaml"
@@ -22,6 +23,15 @@ DEFAULT_CONFIG_FILE = REPO_ROOT / "temporal-dev.yaml"
 
 class ConfigError(ValueError):
     """Invalid configuration: the message names the key and what is wrong."""
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class _Section(BaseModel):
@@ -94,7 +104,10 @@ class SandboxHostSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(49983, ge=1, le=65535)
     state_dir: str = "sandboxes"
+    # Empty: the host generates one at first start into data_dir/sandbox-host.key (0600).
     api_key: SecretStr = SecretStr("")
+    # Host header names served besides loopback ones and *.localhost (DNS-rebinding protection).
+    public_hosts: list[str] = Field(default_factory=list)
     default_timeout_s: int = Field(300, ge=1)
     max_timeout_s: int = Field(86400, ge=1)
     max_sandboxes: int = Field(200, ge=1)
@@ -116,6 +129,18 @@ class SandboxHostSettings(_Section):
         for network in value:
             ipaddress.ip_network(network, strict=False)  # ValueError names the bad entry
         return value
+
+    @model_validator(mode="after")
+    def _network_bind_needs_a_key(self) -> SandboxHostSettings:
+        # A generated key lives in a file on this machine: callers elsewhere could not have it.
+        if not _is_loopback(self.host) and not self.api_key.get_secret_value():
+            raise PydanticCustomError(
+                "insecure_bind",
+                "sandbox_host.host={host} is not a loopback address and sandbox_host.api_key is not set: "
+                "set GENLOOP_SANDBOX_HOST_API_KEY or bind 127.0.0.1",
+                {"host": repr(self.host)},
+            )
+        return self
 
 
 class ApiSettings(_Section):
@@ -168,9 +193,22 @@ class Settings(_Section):
         return None if self.uses_e2b_cloud else self.sandbox_host_url
 
     @property
+    def sandbox_host_key_file(self) -> Path:
+        """Where the local sandbox host keeps the key it generated when sandbox_host.api_key is unset."""
+        return self.resolve("sandbox-host.key")
+
+    @property
     def sandbox_api_key(self) -> str:
-        key = self.sandbox.api_key.get_secret_value()
-        return key or self.sandbox_host.api_key.get_secret_value() or "genloop-local"
+        key = self.sandbox.api_key.get_secret_value() or self.sandbox_host.api_key.get_secret_value()
+        if key or self.sandbox_api_url != self.sandbox_host_url:
+            return key
+        try:
+            return self.sandbox_host_key_file.read_text().strip()
+        except FileNotFoundError:
+            raise ConfigError(
+                f"no key for the local sandbox host: start it once (genloop up) so it writes "
+                f"{self.sandbox_host_key_file}, or set GENLOOP_SANDBOX_HOST_API_KEY"
+            ) from None
 
     @property
     def available_runners(self) -> tuple[str, ...]:
@@ -203,15 +241,6 @@ _STANDARD_ENV = {
     "GENLOOP_DATABASE_URL": ("database", "url"),
     "GENLOOP_LLM_API_KEY": ("runner", "llm_api_key"),
 }
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _env_overrides(environ: dict[str, str], raw: dict[str, Any]) -> dict[str, Any]:

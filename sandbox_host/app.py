@@ -3,6 +3,10 @@
 Host: {port}-{sandbox_id}.localhost:{hostport}   → preview proxy (preview.py)
 E2b-Sandbox-Id: {sandbox_id}                      → that sandbox's envd (envd.py)
 anything else                                     → control plane (control.py), X-API-Key required
+
+Before any of that, the Host header must name this host (`HostNames`): a web page on a rebinding
+domain (evil.example resolving to 127.0.0.1) is same-origin with whatever answers there, so a name
+the host does not know gets 421 and nothing is forwarded.
 """
 
 from __future__ import annotations
@@ -10,7 +14,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import time
+from collections.abc import Iterable
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -47,6 +53,48 @@ def _signature_valid(request: Request, operation: str, token: str) -> bool:
     return hmac.compare_digest(signature, expected)
 
 
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def _host_name(header: str) -> str:
+    """The name in a Host header, without port or brackets, lower-case, without a trailing dot."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        name = header[1 : header.find("]")] if "]" in header else ""
+    elif header.count(":") == 1:
+        name = header.split(":", 1)[0]
+    else:
+        name = header
+    return name.rstrip(".")
+
+
+class HostNames:
+    """The Host header names this host answers to: loopback names and addresses, `*.localhost`
+    (previews), the address it is bound to, and the configured public names (`*.example.com`
+    allowed)."""
+
+    def __init__(self, bind_host: str, public_hosts: Iterable[str]):
+        self.exact = set(LOOPBACK_NAMES)
+        self.suffixes = [".localhost"]
+        try:
+            if not ipaddress.ip_address(bind_host).is_unspecified:
+                self.exact.add(bind_host.lower())
+        except ValueError:
+            self.exact.add(bind_host.lower().rstrip("."))
+        for name in public_hosts:
+            name = _host_name(name)
+            if name.startswith("*."):
+                self.suffixes.append(name[1:])
+            elif name:
+                self.exact.add(name)
+
+    def allows(self, header: str | None) -> bool:
+        if not header:
+            return False
+        name = _host_name(header)
+        return name in self.exact or any(name.endswith(suffix) and len(name) > len(suffix) for suffix in self.suffixes)
+
+
 class _LimitedReceive:
     """Counts an upload's bytes as they arrive and stops it at the limit (413, never a 500)."""
 
@@ -67,6 +115,9 @@ class HostApp:
     def __init__(self, manager: SandboxManager, config: HostConfig):
         self.manager = manager
         self.config = config
+        assert config.api_key, "HostConfig.with_api_key() first: the control plane always requires a key"
+        self.api_key = config.api_key.encode()
+        self.host_names = HostNames(config.host, config.public_hosts)
         self.control = ControlPlane(manager, config).app()
         self.preview = PreviewProxy(manager, config.max_preview_connections)
         self.connect_apps = envd.build_connect_apps(manager)
@@ -76,7 +127,12 @@ class HostApp:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1003})
             return
-        preview = parse_preview_host(_header(scope, b"host") or "")
+        host = _header(scope, b"host")
+        if not self.host_names.allows(host):
+            message = "unknown Host name: use 127.0.0.1 or localhost, or list the name in sandbox_host.public_hosts"
+            await envd.error_response(421, message)(scope, receive, send)
+            return
+        preview = parse_preview_host(host or "")
         if preview is not None:
             await self.preview(scope, receive, send, *preview)
             return
@@ -93,11 +149,7 @@ class HostApp:
         await self.control(scope, receive, send)
 
     def _api_key_ok(self, presented: str | None) -> bool:
-        if not presented:
-            return False
-        if self.config.api_key is None:
-            return True
-        return hmac.compare_digest(presented.encode(), self.config.api_key.encode())
+        return bool(presented) and hmac.compare_digest(presented.encode(), self.api_key)
 
     def _access_ok(self, scope: Scope, request: Request, sandbox: Sandbox) -> bool:
         token = sandbox.record.access_token

@@ -63,15 +63,18 @@ class RunningHost:
         state_dir: Path,
         log_path: Path,
         port: int,
-        api_key: str,
+        api_key: str | None,
         overrides: dict[str, Any],
         env: dict[str, str] | None = None,
     ):
-        """`env`: extra environment variables of the host process."""
+        """`api_key` None: the host generates its key into its data dir (`data_dir`); `env`: extra
+        environment variables of the host process."""
         self.state_dir = state_dir
+        self.data_dir = state_dir.parent / "data"
         self.log_path = log_path
         self.port = port
-        self.api_key = api_key
+        self.api_key = api_key or ""
+        self._generate_key = api_key is None
         self.url = f"http://127.0.0.1:{port}"
         self._overrides = overrides
         self._env = env or {}
@@ -97,11 +100,20 @@ class RunningHost:
         )
         return HostConfig.from_settings(settings.model_copy(update={"sandbox_host": section}))
 
+    @property
+    def key_file(self) -> Path:
+        return self.data_dir / "sandbox-host.key"
+
     async def start(self) -> None:
         env = {**os.environ, **self._env}
         for key, value in self._overrides.items():
             env[f"GENLOOP_SANDBOX_HOST_{key.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
-        args = ["--port", str(self.port), "--state-dir", str(self.state_dir), "--api-key", self.api_key]
+        args = ["--port", str(self.port), "--state-dir", str(self.state_dir)]
+        if self._generate_key:
+            env["GENLOOP_DATA_DIR"] = str(self.data_dir)
+            env.pop("GENLOOP_SANDBOX_HOST_API_KEY", None)
+        else:
+            args += ["--api-key", self.api_key]
         with open(self.log_path, "ab") as log:
             self._process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "sandbox_host", *args, cwd=REPO_ROOT, env=env, stdout=log, stderr=log
@@ -113,6 +125,8 @@ class RunningHost:
                     break
                 with contextlib.suppress(httpx.HTTPError):
                     if (await client.get(f"{self.url}/health", timeout=1)).status_code == 200:
+                        if self._generate_key:
+                            self.api_key = self.key_file.read_text().strip()
                         return
                 await asyncio.sleep(0.05)
         tail = self.log_path.read_text(errors="replace")[-3000:]
@@ -147,17 +161,18 @@ class RunningHost:
 
 @contextlib.asynccontextmanager
 async def running_host(
-    tmp_dir: Path | str, *, env: dict[str, str] | None = None, **setting_overrides: Any
+    tmp_dir: Path | str, *, generate_key: bool = False, env: dict[str, str] | None = None, **setting_overrides: Any
 ) -> AsyncIterator[RunningHost]:
     """Start a host whose state lives under tmp_dir; `setting_overrides` are settings.sandbox_host fields.
 
-    `env`: extra environment variables of the host process.
+    `generate_key`: start it without a key, so it generates one into `host.data_dir` (read back into
+    `host.api_key`). `env`: extra environment variables of the host process.
 
     Sandboxes run as unprivileged uids that must be able to reach state_dir; when tmp_dir's parents
     are private (pytest's tmp_path is under a 0700 directory) the state goes to a fresh directory in
     the system temp dir instead, removed afterwards.
     """
-    api_key = str(setting_overrides.pop("api_key", None) or "test-" + secrets.token_hex(8))
+    api_key = None if generate_key else str(setting_overrides.pop("api_key", None) or "test-" + secrets.token_hex(8))
     tmp_dir = Path(tmp_dir)
     tmp_dir.mkdir(parents=True, exist_ok=True)
     try:

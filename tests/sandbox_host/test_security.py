@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import shutil
 import stat
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -16,12 +18,14 @@ import httpx
 import psutil
 import pytest
 from e2b import AsyncSandbox
+from e2b.exceptions import AuthenticationException
 
 from genloop.http import preview_client
+from genloop.settings import load_settings
 from sandbox_host.egress import host_networks
 from sandbox_host.isolation import processes_of_uid
 from sandbox_host.sandboxes import AGENT_LOG_MAX_BYTES
-from sandbox_host.testing import running_host
+from sandbox_host.testing import free_port, running_host
 from tests.helpers.sandboxes import record_of, run, sandbox, serve
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -192,6 +196,128 @@ async def test_agent_that_cannot_prove_the_secret_is_not_adopted(tmp_path):
             assert "failed the secret handshake" in host.log_path.read_text()
         finally:
             server.close()
+
+
+# ------------------------------------------------------------------------------------ 3. keys
+async def test_generated_key_is_the_only_key_and_reaches_the_sdk_through_settings(tmp_path):
+    async with running_host(tmp_path, generate_key=True) as host:
+        key_file = host.data_dir / "sandbox-host.key"
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        # What the worker and the CLI do: no key configured, the local host in use.
+        settings = load_settings(
+            environ={"GENLOOP_DATA_DIR": str(host.data_dir), "GENLOOP_SANDBOX_HOST_PORT": str(host.port)}
+        )
+        assert settings.sandbox_api_url == host.url
+        key = settings.sandbox_api_key
+        opts = {"api_key": key, "api_url": host.url, "sandbox_url": host.url}
+        async with sandbox(opts) as sb:
+            assert (await sb.commands.run("echo keyed")).stdout == "keyed\n"
+        for wrong in ("genloop-local", secrets.token_urlsafe(32)):
+            with pytest.raises(AuthenticationException):
+                await AsyncSandbox.create(**{**opts, "api_key": wrong})
+            with pytest.raises(AuthenticationException):
+                await AsyncSandbox.list(**{**opts, "api_key": wrong}).next_items()
+        async with httpx.AsyncClient(base_url=host.url) as client:
+            assert (await client.get("/v2/sandboxes")).status_code == 401
+            assert (await client.get("/v2/sandboxes", headers={"X-API-Key": ""})).status_code == 401
+
+        await host.restart()  # the same key, reused from the file
+        assert key_file.read_text().strip() == key
+        async with sandbox(opts) as sb:
+            assert (await sb.commands.run("echo still keyed")).stdout == "still keyed\n"
+
+
+async def test_envd_access_token_only_from_create_and_connect(host, sdk):
+    async with sandbox(sdk) as sb:
+        token = sb._envd_access_token
+        assert token
+        async with httpx.AsyncClient(base_url=host.url, headers={"X-API-Key": host.api_key}) as client:
+            for path in (f"/sandboxes/{sb.sandbox_id}", "/sandboxes", "/v2/sandboxes"):
+                response = await client.get(path)
+                assert response.status_code == 200 and sb.sandbox_id in response.text
+                assert token not in response.text and "envdAccessToken" not in response.text, path
+            connected = await client.post(f"/sandboxes/{sb.sandbox_id}/connect", json={"timeout": 60})
+            assert connected.json()["envdAccessToken"] == token
+        assert (await sb.get_info()).sandbox_id == sb.sandbox_id
+        again = await AsyncSandbox.connect(sb.sandbox_id, **sdk)
+        assert (await again.commands.run("echo connected")).stdout == "connected\n"
+
+
+async def test_network_bind_without_a_configured_key_refuses_to_start(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GENLOOP_SANDBOX_HOST_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sandbox_host", "--host", "0.0.0.0", "--port", str(free_port()),
+        "--state-dir", str(tmp_path / "state"),
+        env={**env, "GENLOOP_DATA_DIR": str(tmp_path / "data")},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    lines = stderr.decode().strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, lines
+    assert "not a loopback address" in lines[0] and "GENLOOP_SANDBOX_HOST_API_KEY" in lines[0]
+    assert not (tmp_path / "data" / "sandbox-host.key").exists()
+
+
+# ------------------------------------------------------------------------------------ 4. DNS rebinding
+async def test_foreign_host_header_gets_421_and_nothing_is_forwarded(host, sdk):
+    async with sandbox(sdk) as sb:
+        url = await serve(sb, "the target app")
+        before = {s.sandbox_id for s in await AsyncSandbox.list(**sdk).next_items()}
+        port = host.port
+        foreign = [
+            "evil.example",
+            f"evil.example:{port}",
+            f"127.0.0.1.nip.io:{port}",
+            f"localhost.evil.example:{port}",
+            f"8080-{sb.sandbox_id}.evil.example:{port}",
+            f"8080-{sb.sandbox_id}.localhost.evil.example",
+        ]
+        key = {"X-API-Key": host.api_key}
+        envd = {"E2b-Sandbox-Id": sb.sandbox_id, "X-Access-Token": sb._envd_access_token}
+        async with httpx.AsyncClient(base_url=host.url) as client:
+            for name in foreign:
+                h = {"Host": name}
+                answers = [
+                    await client.get("/health", headers=h),
+                    await client.get("/", headers=h),
+                    await client.get("/v2/sandboxes", headers={**h, **key}),
+                    await client.post("/v2/sandboxes", headers={**h, **key}, json={"templateID": "base"}),
+                    await client.get("/files", params={"path": "/home/user/project/x"}, headers={**h, **envd}),
+                ]
+                for answer in answers:
+                    assert answer.status_code == 421 and answer.json()["code"] == 421, (name, answer.text)
+                    assert "target app" not in answer.text
+            for name in ("localhost", f"localhost:{port}", "127.0.0.1", f"127.0.0.1:{port}", f"[::1]:{port}"):
+                assert (await client.get("/health", headers={"Host": name})).status_code == 200, name
+        # An HTTP/1.0 request without any Host header is refused too.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /health HTTP/1.0\r\n\r\n")
+        status_line = (await reader.readline()).decode()
+        writer.close()
+        assert " 421 " in status_line
+        after = {s.sandbox_id for s in await AsyncSandbox.list(**sdk).next_items()}
+        assert after == before  # the create with a foreign Host created nothing
+        async with preview_client(timeout=10) as client:
+            assert (await client.get(url)).text == "the target app"
+
+
+async def test_public_host_names_are_served(tmp_path):
+    async with running_host(tmp_path, public_hosts=["genloop.example", "*.apps.example"]) as host:
+        async with httpx.AsyncClient(base_url=host.url) as client:
+            for name, status in [
+                ("genloop.example", 200),
+                (f"GENLOOP.example:{host.port}", 200),
+                (f"x.apps.example:{host.port}", 200),
+                ("apps.example", 421),
+                ("genloop.example.evil", 421),
+                ("evilgenloop.example", 421),
+            ]:
+                assert (await client.get("/health", headers={"Host": name})).status_code == status, name
 
 
 # ------------------------------------------------------------------------------------ 6. egress
