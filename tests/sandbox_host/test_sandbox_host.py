@@ -324,6 +324,12 @@ async def test_restart_adopts_sandboxes_and_leaves_no_orphans(tmp_path):
 
         await host.restart()  # graceful: sandboxes keep running and are adopted again
         assert (await kept.commands.run("echo adopted")).stdout == "adopted\n"
+        # Its egress proxy is served again, at the socket its sandbox already has mounted.
+        tunnel = (
+            "import socket; s = socket.create_connection(('127.0.0.1', 3128), 5); "
+            "s.sendall(b'CONNECT 127.0.0.1:1 HTTP/1.1\\r\\n\\r\\n'); print(s.recv(12).decode())"
+        )
+        assert (await kept.commands.run(f'python3 -c "{tunnel}"')).stdout == "HTTP/1.1 403\n"
     # Leaving running_host stops the host and kills what it started.
     assert block_processes(host) == {}
 
