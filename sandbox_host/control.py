@@ -29,7 +29,7 @@ MAX_PAGE_SIZE = 1000
 
 
 def _utc(ts: float) -> datetime.datetime:
-    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC)
 
 
 class ControlPlane:
