@@ -125,13 +125,17 @@ class RunningHost:
                     break
                 with contextlib.suppress(httpx.HTTPError):
                     if (await client.get(f"{self.url}/health", timeout=1)).status_code == 200:
-                        if self._generate_key:
-                            self.api_key = self.key_file.read_text().strip()
-                        return
+                        break
                 await asyncio.sleep(0.05)
-        tail = self.log_path.read_text(errors="replace")[-3000:]
-        await self.kill()
-        raise RuntimeError(f"sandbox host did not become ready:\n{tail}")
+        try:
+            if self._process.returncode is not None or time.monotonic() >= deadline:
+                raise RuntimeError("it did not answer /health")
+            if self._generate_key:
+                self.api_key = self.key_file.read_text().strip()
+        except (RuntimeError, OSError) as exc:
+            await self.kill()  # a failed start leaves no host behind
+            tail = self.log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"sandbox host did not become ready ({exc}):\n{tail}") from None
 
     async def _signal(self, sig: int) -> None:
         if self._process is None or self._process.returncode is not None:
@@ -183,8 +187,8 @@ async def running_host(
         os.chmod(own_dir, 0o711)
         state_dir = own_dir / "state"
     host = RunningHost(state_dir, tmp_dir / "sandbox-host.log", free_port(), api_key, setting_overrides, env)
-    await host.start()
     try:
+        await host.start()
         yield host
     finally:
         await host.stop()
