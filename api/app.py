@@ -18,7 +18,7 @@ from api.reading import is_json_media_type
 from api.routes import ROUTES
 from api.schemas import ErrorCode, TriggerShapes
 from api.services import Services, TemporalGateway
-from genloop.http import host_allowed
+from genloop.http import HostNames
 from genloop.settings import Settings, load_settings
 from persistence.repository import JobRepository
 
@@ -49,7 +49,7 @@ class RequestGuard:
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
-        self._public_hosts = tuple(settings.api.public_hosts)
+        self._host_names = HostNames(settings.api.host, settings.api.public_hosts)
         self._check_origin = not settings.api_requires_token
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -64,7 +64,7 @@ class RequestGuard:
 
     def _refusal(self, scope: Scope) -> tuple[int, ErrorCode, str] | None:
         host = _header(scope, b"host")
-        if not host_allowed(host.decode("latin-1") if host else None, self._public_hosts):
+        if not self._host_names.allows(host.decode("latin-1") if host else None):
             return 421, ErrorCode.MISDIRECTED, "this server does not answer to that Host name"
         if scope["method"] != "POST":
             return None

@@ -27,15 +27,16 @@ def is_localhost_name(host: str) -> bool:
     return host == "localhost" or host.endswith(".localhost")
 
 
-def host_name(host_header: str) -> str:
-    """The name in a Host header, without port, brackets or trailing dot, lower-cased."""
-    host = host_header.strip().lower()
-    if host.startswith("["):
-        return host[1 : host.find("]")] if "]" in host else ""
-    name, sep, port = host.rpartition(":")
-    if sep and port.isdigit():
-        host = name
-    return host.rstrip(".")
+def host_name(header: str) -> str:
+    """The name in a Host header, without port or brackets, lower-case, without a trailing dot."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        name = header[1 : header.find("]")] if "]" in header else ""
+    elif header.count(":") == 1:
+        name = header.split(":", 1)[0]
+    else:
+        name = header  # a bare IPv6 address, or no port
+    return name.rstrip(".")
 
 
 def is_loopback_name(name: str) -> bool:
@@ -47,16 +48,34 @@ def is_loopback_name(name: str) -> bool:
         return False
 
 
-def host_allowed(host_header: str | None, public_hosts: Iterable[str] = (), *, localhost_subdomains: bool = False) -> bool:
-    """Whether a request's Host names this server: a loopback name or address, one of the
-    configured public names, or (for a preview router) any `*.localhost` name. A DNS-rebinding page
-    reaches a loopback port under its own domain, so its requests fail this check."""
-    if not host_header:
-        return False
-    name = host_name(host_header)
-    if is_loopback_name(name) or name in {host_name(h) for h in public_hosts}:
-        return True
-    return localhost_subdomains and is_localhost_name(name)
+class HostNames:
+    """The Host header names a server answers to: loopback names and addresses, the address it is
+    bound to, the configured public names (`*.example.com` allowed) and, for a preview router, any
+    `*.localhost` name. A DNS-rebinding page reaches a loopback port under its own domain, so its
+    requests name a host outside this set."""
+
+    def __init__(self, bind_host: str, public_hosts: Iterable[str] = (), *, localhost_subdomains: bool = False):
+        self.exact: set[str] = set()
+        self.suffixes = [".localhost"] if localhost_subdomains else []
+        try:
+            if not ipaddress.ip_address(bind_host).is_unspecified:
+                self.exact.add(bind_host.lower())
+        except ValueError:
+            self.exact.add(bind_host.lower().rstrip("."))
+        for name in public_hosts:
+            name = host_name(name)
+            if name.startswith("*."):
+                self.suffixes.append(name[1:])
+            elif name:
+                self.exact.add(name)
+
+    def allows(self, header: str | None) -> bool:
+        if not header:
+            return False
+        name = host_name(header)
+        if is_loopback_name(name) or name in self.exact:
+            return True
+        return any(name.endswith(suffix) and len(name) > len(suffix) for suffix in self.suffixes)
 
 
 class LoopbackTransport(httpx.AsyncBaseTransport):

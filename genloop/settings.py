@@ -7,13 +7,15 @@ repository root), then the defaults below. Bad values raise ConfigError with the
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from genloop.http import is_loopback_name
 
@@ -95,7 +97,10 @@ class SandboxHostSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(49983, ge=1, le=65535)
     state_dir: str = "sandboxes"
+    # Empty: the host generates one at first start into data_dir/sandbox-host.key (0600).
     api_key: SecretStr = SecretStr("")
+    # Host header names served besides loopback ones and *.localhost (DNS-rebinding protection).
+    public_hosts: list[str] = Field(default_factory=list)
     default_timeout_s: int = Field(300, ge=1)
     max_timeout_s: int = Field(86400, ge=1)
     max_sandboxes: int = Field(200, ge=1)
@@ -105,6 +110,30 @@ class SandboxHostSettings(_Section):
     disk_limit_mb: int = Field(1024, ge=16)
     max_upload_mb: int = Field(100, ge=1)
     unsafe_no_isolation: bool = False
+    # Per sandbox: concurrent egress (CONNECT) connections, and concurrent preview connections.
+    max_egress_connections: int = Field(256, ge=1)
+    max_preview_connections: int = Field(512, ge=1)
+    # CIDRs sandboxes may reach although egress denies them (a package mirror on the LAN); never loopback.
+    egress_allowed_networks: list[str] = Field(default_factory=list)
+
+    @field_validator("egress_allowed_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            ipaddress.ip_network(network, strict=False)  # ValueError names the bad entry
+        return value
+
+    @model_validator(mode="after")
+    def _network_bind_needs_a_key(self) -> SandboxHostSettings:
+        # A generated key lives in a file on this machine: callers elsewhere could not have it.
+        if not is_loopback_name(self.host) and not self.api_key.get_secret_value():
+            raise PydanticCustomError(
+                "insecure_bind",
+                "sandbox_host.host={host} is not a loopback address and sandbox_host.api_key is not set: "
+                "set GENLOOP_SANDBOX_HOST_API_KEY or bind 127.0.0.1",
+                {"host": repr(self.host)},
+            )
+        return self
 
 
 class ApiSettings(_Section):
@@ -179,9 +208,22 @@ class Settings(_Section):
         return None if self.uses_e2b_cloud else self.sandbox_host_url
 
     @property
+    def sandbox_host_key_file(self) -> Path:
+        """Where the local sandbox host keeps the key it generated when sandbox_host.api_key is unset."""
+        return self.resolve("sandbox-host.key")
+
+    @property
     def sandbox_api_key(self) -> str:
-        key = self.sandbox.api_key.get_secret_value()
-        return key or self.sandbox_host.api_key.get_secret_value() or "genloop-local"
+        key = self.sandbox.api_key.get_secret_value() or self.sandbox_host.api_key.get_secret_value()
+        if key or self.sandbox_api_url != self.sandbox_host_url:
+            return key
+        try:
+            return self.sandbox_host_key_file.read_text().strip()
+        except FileNotFoundError:
+            raise ConfigError(
+                f"no key for the local sandbox host: start it once (genloop up) so it writes "
+                f"{self.sandbox_host_key_file}, or set GENLOOP_SANDBOX_HOST_API_KEY"
+            ) from None
 
     @property
     def available_runners(self) -> tuple[str, ...]:
@@ -237,9 +279,9 @@ def _env_overrides(environ: dict[str, str], raw: dict[str, Any]) -> dict[str, An
 
 
 def _parse_env(value: str) -> Any:
-    # JSON-ish values (mappings for pragmas / search attributes) parse as YAML; scalars stay strings
-    # and pydantic coerces them.
-    if value.startswith("{"):
+    # JSON-ish values (mappings for pragmas / search attributes, lists) parse as YAML; scalars stay
+    # strings and pydantic coerces them.
+    if value.startswith(("{", "[")):
         return yaml.safe_load(value)
     return value
 

@@ -2,8 +2,14 @@
 
 It runs inside the sandbox (as the sandbox's own unprivileged user, in its mount/pid/net namespaces),
 so everything it does is confined the same way the sandbox's code is. The host talks to it over a
-unix socket in the sandbox's run directory: one connection per operation, a JSON request line, then
-JSON response lines (and raw bytes for file transfers).
+unix socket the host created in a directory only the host can reach and handed over as a listening
+descriptor (--agent-fd): one connection per operation, a JSON request line, then JSON response lines
+(and raw bytes for file transfers, or a spliced TCP stream for `forward`).
+
+The agent's environment and its per-sandbox secret arrive through a pipe (--init-fd) read once at
+start, never argv, environment or a file. The agent makes itself non-dumpable first, so sandbox code
+running as the same uid cannot read its memory or take its descriptors; it proves it holds the secret
+by answering `ping`'s nonce with HMAC-SHA256(secret, nonce).
 
 Standard library only: it is executed by the sandbox's system python3, not the host's venv.
 The agent also enforces the sandbox deadline itself, so a sandbox never outlives its TTL even when
@@ -17,10 +23,13 @@ import asyncio
 import base64
 import errno
 import grp
+import hashlib
+import hmac
 import json
 import os
 import pwd
 import signal
+import socket
 import stat
 import sys
 import time
@@ -30,6 +39,7 @@ OUTPUT_QUEUE_SIZE = 256
 # After a process exits, output still buffered in its pipes is delivered for this long; pipes held
 # open by background children (`server &`) must not delay the end event forever.
 PIPE_DRAIN_S = 0.2
+PR_SET_DUMPABLE = 4
 
 
 class AgentError(Exception):
@@ -175,14 +185,13 @@ class Proc:
 
 
 class Agent:
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, init: dict):
         self.paths = Paths(args.home_dir, args.tmp_dir, args.read_anywhere)
-        self.run_dir = args.run_dir
-        self.base_env = json.loads(args.env_json)
+        self.base_env = {str(k): str(v) for k, v in init["env"].items()}
+        self.secret = bytes.fromhex(init["secret"])
         self.deadline: float | None = args.deadline
         self.forward_host = args.forward_host
         self.procs: dict[int, Proc] = {}
-        self.forwarders: dict[int, asyncio.AbstractServer] = {}
         self.stopping = asyncio.Event()
         self._deadline_handle: asyncio.TimerHandle | None = None
 
@@ -233,7 +242,8 @@ class Agent:
 
     # ---------------- control ----------------
     async def op_ping(self, req, reader, writer):
-        await self._reply(writer, {"ok": True, "pid": os.getpid(), "deadline": self.deadline})
+        mac = hmac.new(self.secret, str(req.get("nonce") or "").encode(), hashlib.sha256).hexdigest()
+        await self._reply(writer, {"ok": True, "mac": mac, "pid": os.getpid(), "deadline": self.deadline})
 
     async def op_set_deadline(self, req, reader, writer):
         self.deadline = req.get("deadline")
@@ -495,24 +505,20 @@ class Agent:
         await self._reply(writer, {"ok": True, "entry": entry})
 
     # ---------------- previews ----------------
-    async def op_expose(self, req, reader, writer):
-        port = int(req["port"])
+    async def op_forward(self, req, reader, writer):
+        """Splice this connection to 127.0.0.1:port inside the sandbox, after one ok line."""
+        try:
+            port = int(req["port"])
+        except (KeyError, TypeError, ValueError):
+            raise AgentError("invalid_argument", "forward needs a port") from None
         if not 1 <= port <= 65535:
             raise AgentError("invalid_argument", f"invalid port {port}")
-        name = f"port-{port}.sock"
-        if port not in self.forwarders:
-            path = os.path.join(self.run_dir, name)
-            if os.path.lexists(path):
-                os.unlink(path)
-            self.forwarders[port] = await asyncio.start_unix_server(lambda r, w: self._forward(port, r, w), path=path)
-        await self._reply(writer, {"ok": True, "socket": name})
-
-    async def _forward(self, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             up_reader, up_writer = await asyncio.open_connection(self.forward_host, port)
         except OSError:
-            writer.close()
-            return
+            raise AgentError("unavailable", f"nothing listens on port {port}") from None
+        writer.write(b'{"ok": true}\n')
+        await writer.drain()
         await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
 
 
@@ -549,17 +555,37 @@ async def _relay_egress(socket_path: str, reader: asyncio.StreamReader, writer: 
     await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
 
 
-async def serve(args: argparse.Namespace) -> None:
-    agent = Agent(args)
+def make_undumpable() -> None:
+    """Sandbox code runs as this agent's uid: without this it could ptrace the agent, or read its
+    memory and take its descriptors through /proc (the secret, the listening socket)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+
+
+def read_init(fd: int) -> dict:
+    """The host writes one JSON object ({"secret", "env"}) to this pipe and closes it."""
+    chunks = []
+    try:
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return json.loads(b"".join(chunks))
+
+
+async def serve(args: argparse.Namespace, init: dict) -> None:
+    agent = Agent(args, init)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stop)
     if args.egress_socket:
         await asyncio.start_server(lambda r, w: _relay_egress(args.egress_socket, r, w), "127.0.0.1", args.egress_port)
-    sock_path = os.path.join(args.run_dir, "agent.sock")
-    if os.path.lexists(sock_path):
-        os.unlink(sock_path)
-    server = await asyncio.start_unix_server(agent.handle, path=sock_path)
+    listener = socket.socket(fileno=args.agent_fd)
+    listener.set_inheritable(False)  # commands must never hold the agent's socket
+    server = await asyncio.start_unix_server(agent.handle, sock=listener)
     agent.arm_deadline()
     async with server:
         await agent.stopping.wait()
@@ -571,18 +597,20 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="genloop sandbox agent (runs inside one sandbox)")
-    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--agent-fd", type=int, required=True, help="the listening unix socket the host made")
+    parser.add_argument("--init-fd", type=int, required=True, help="a pipe carrying the secret and environment")
     parser.add_argument("--home-dir", required=True)
     parser.add_argument("--tmp-dir", required=True)
-    parser.add_argument("--env-json", required=True)
     parser.add_argument("--deadline", type=float, default=None)
     parser.add_argument("--forward-host", default="127.0.0.1")
     parser.add_argument("--read-anywhere", action="store_true")
     parser.add_argument("--egress-socket", help="relay 127.0.0.1:--egress-port to this proxy socket")
     parser.add_argument("--egress-port", type=int, default=3128)
     args = parser.parse_args(argv)
+    make_undumpable()  # before the secret is read
+    init = read_init(args.init_fd)
     os.umask(0o022)
-    asyncio.run(serve(args))
+    asyncio.run(serve(args, init))
     sys.exit(0)
 
 

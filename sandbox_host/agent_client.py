@@ -1,12 +1,24 @@
-"""Host side of the agent protocol (see agent.py): one unix connection per operation."""
+"""Host side of the agent protocol (see agent.py): one unix connection per operation.
+
+The agent's socket is a file the host itself bound in the sandbox's host-only directory
+(state_dir/<id>/, mode 0700, never mounted into a sandbox), so nothing a sandbox writes can change
+what the host connects to. After a restart the host re-adopts an agent only once it has answered a
+fresh nonce with HMAC-SHA256 of the sandbox's secret.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import os
-import stat
+import secrets
+import socket
+from pathlib import Path
 from typing import Any
+
+AGENT_SOCKET = "agent.sock"
 
 
 class AgentUnavailable(Exception):
@@ -21,23 +33,27 @@ class AgentCallError(Exception):
         self.code = code
         self.message = message
 
-
-def open_socket_path(path: str) -> int:
-    """An O_PATH descriptor for a unix socket the sandbox created, refusing anything else.
-
-    The run directory is writable from inside the sandbox, so a sandbox could swap a socket for a
-    symlink to some host socket. Connecting through /proc/self/fd/N of a descriptor opened with
-    O_NOFOLLOW and checked to be a socket cannot be redirected that way.
-    """
-    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise AgentUnavailable(f"{path} is not a socket")
-    return fd
+    def __repr__(self) -> str:
+        return f"AgentCallError({self.code!r}, {self.message!r})"
 
 
-def fd_path(fd: int) -> str:
-    return f"/proc/self/fd/{fd}"
+def listen_socket(path: Path) -> socket.socket:
+    """Bind the agent's listening socket (its fd is handed to the agent) at a host-only path."""
+    if path.is_socket() or path.is_symlink():
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(socket.SOMAXCONN)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def expected_mac(secret: bytes, nonce: str) -> str:
+    return hmac.new(secret, nonce.encode(), hashlib.sha256).hexdigest()
 
 
 class AgentStream:
@@ -69,12 +85,16 @@ class AgentStream:
 
 
 class AgentClient:
-    def __init__(self, socket_fd: int):
-        self._socket_fd = socket_fd
+    def __init__(self, socket_path: Path, secret: bytes):
+        self.socket_path = socket_path
+        self._secret = secret
+
+    def __repr__(self) -> str:  # never show the secret
+        return f"AgentClient({str(self.socket_path)!r})"
 
     async def open(self, op: str, **fields: Any) -> AgentStream:
         try:
-            reader, writer = await asyncio.open_unix_connection(fd_path(self._socket_fd), limit=2**20)
+            reader, writer = await asyncio.open_unix_connection(str(self.socket_path), limit=2**20)
         except OSError as exc:
             raise AgentUnavailable(str(exc)) from None
         stream = AgentStream(reader, writer)
@@ -95,4 +115,12 @@ class AgentClient:
             await stream.close()
         if reply is None:
             raise AgentUnavailable("agent closed the connection")
+        return reply
+
+    async def verify(self) -> dict[str, Any]:
+        """Ping with a fresh nonce; raise AgentUnavailable unless the answer proves the secret."""
+        nonce = secrets.token_hex(16)
+        reply = await self.call("ping", nonce=nonce)
+        if not hmac.compare_digest(str(reply.get("mac", "")), expected_mac(self._secret, nonce)):
+            raise AgentUnavailable(f"the agent at {self.socket_path} failed the secret handshake")
         return reply

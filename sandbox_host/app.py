@@ -3,6 +3,10 @@
 Host: {port}-{sandbox_id}.localhost:{hostport}   → preview proxy (preview.py)
 E2b-Sandbox-Id: {sandbox_id}                      → that sandbox's envd (envd.py)
 anything else                                     → control plane (control.py), X-API-Key required
+
+Before any of that, the Host header must name this host (`HostNames`): a web page on a rebinding
+domain (evil.example resolving to 127.0.0.1) is same-origin with whatever answers there, so a name
+the host does not know gets 421 and nothing is forwarded.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import Message, Receive, Scope, Send
 
+from genloop.http import HostNames
 from sandbox_host import envd
 from sandbox_host.config import HostConfig
 from sandbox_host.control import ControlPlane
@@ -67,8 +72,11 @@ class HostApp:
     def __init__(self, manager: SandboxManager, config: HostConfig):
         self.manager = manager
         self.config = config
+        assert config.api_key, "HostConfig.with_api_key() first: the control plane always requires a key"
+        self.api_key = config.api_key.encode()
+        self.host_names = HostNames(config.host, config.public_hosts, localhost_subdomains=True)
         self.control = ControlPlane(manager, config).app()
-        self.preview = PreviewProxy(manager)
+        self.preview = PreviewProxy(manager, config.max_preview_connections)
         self.connect_apps = envd.build_connect_apps(manager)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -76,7 +84,12 @@ class HostApp:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1003})
             return
-        preview = parse_preview_host(_header(scope, b"host") or "")
+        host = _header(scope, b"host")
+        if not self.host_names.allows(host):
+            message = "unknown Host name: use 127.0.0.1 or localhost, or list the name in sandbox_host.public_hosts"
+            await envd.error_response(421, message)(scope, receive, send)
+            return
+        preview = parse_preview_host(host or "")
         if preview is not None:
             await self.preview(scope, receive, send, *preview)
             return
@@ -93,11 +106,7 @@ class HostApp:
         await self.control(scope, receive, send)
 
     def _api_key_ok(self, presented: str | None) -> bool:
-        if not presented:
-            return False
-        if self.config.api_key is None:
-            return True
-        return hmac.compare_digest(presented.encode(), self.config.api_key.encode())
+        return bool(presented) and hmac.compare_digest(presented.encode(), self.api_key)
 
     def _access_ok(self, scope: Scope, request: Request, sandbox: Sandbox) -> bool:
         token = sandbox.record.access_token

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
+import os
+import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from genloop.settings import Settings
+from genloop.settings import ConfigError, Settings
 from sandbox_host.isolation import Limits
 
 # The envd version the host claims: enables octet-stream uploads (0.5.7) and everything before it,
@@ -19,22 +24,29 @@ class HostConfig:
     host: str
     port: int
     state_dir: Path
-    api_key: str | None
+    api_key: str | None  # None until `with_api_key()`: then the configured or the generated key
+    key_file: Path
+    public_hosts: tuple[str, ...]
     default_timeout_s: int
     max_timeout_s: int
     max_sandboxes: int
     limits: Limits
     max_upload_bytes: int
+    max_egress_connections: int
+    max_preview_connections: int
+    egress_allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     isolated: bool
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "HostConfig":
+    def from_settings(cls, settings: Settings) -> HostConfig:
         section = settings.sandbox_host
         return cls(
             host=section.host,
             port=section.port,
             state_dir=settings.resolve(section.state_dir).resolve(),
             api_key=section.api_key.get_secret_value() or None,
+            key_file=settings.sandbox_host_key_file,
+            public_hosts=tuple(section.public_hosts),
             default_timeout_s=section.default_timeout_s,
             max_timeout_s=section.max_timeout_s,
             max_sandboxes=section.max_sandboxes,
@@ -45,5 +57,41 @@ class HostConfig:
                 disk_mb=section.disk_limit_mb,
             ),
             max_upload_bytes=section.max_upload_mb * 1024 * 1024,
+            max_egress_connections=section.max_egress_connections,
+            max_preview_connections=section.max_preview_connections,
+            egress_allowed_networks=tuple(
+                ipaddress.ip_network(n, strict=False) for n in section.egress_allowed_networks
+            ),
             isolated=not section.unsafe_no_isolation,
         )
+
+    def with_api_key(self) -> HostConfig:
+        """The control plane always requires a key: the configured one, else the generated one."""
+        if self.api_key:
+            return self
+        return dataclasses.replace(self, api_key=load_or_create_key(self.key_file))
+
+
+def load_or_create_key(path: Path) -> str:
+    """The key in `path`, written there first (0600, atomically) when the file does not exist."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+        try:
+            os.link(tmp, path)  # fails if another process won the race: use its key
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd) as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077:
+            raise ConfigError(f"{path} must be a regular file readable by its owner only: chmod 600 {path}")
+        key = f.read().strip()
+    if not key:
+        raise ConfigError(f"{path} is empty: delete it and restart the sandbox host to generate a new key")
+    return key

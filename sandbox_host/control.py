@@ -29,7 +29,7 @@ MAX_PAGE_SIZE = 1000
 
 
 def _utc(ts: float) -> datetime.datetime:
-    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC)
 
 
 class ControlPlane:
@@ -64,7 +64,7 @@ class ControlPlane:
             disk_size_mb=0,
             state=SandboxState.RUNNING,
             alias=TEMPLATE_ALIAS,
-            envd_access_token=record.access_token,
+            # No envd_access_token: as on E2B, only create and connect hand it out.
             allow_internet_access=record.internet_access,
             domain=self.domain,
             metadata=record.metadata,

@@ -176,7 +176,7 @@ def _entry(entry: dict[str, Any]) -> filesystem_pb.EntryInfo:
         permissions=entry["permissions"],
         owner=entry["owner"],
         group=entry["group"],
-        modified_time=Timestamp.from_datetime(datetime.datetime.fromtimestamp(entry["mtime"], datetime.timezone.utc)),
+        modified_time=Timestamp.from_datetime(datetime.datetime.fromtimestamp(entry["mtime"], datetime.UTC)),
         symlink_target=entry["symlink_target"],
         is_symlink=entry["is_symlink"],
     )
@@ -217,7 +217,7 @@ class ProcessService(_Services, process_connect.Process):
                     # Keepalives keep proxies from idling the stream out and let the server notice
                     # a client that left a quiet command.
                     message = await asyncio.wait_for(stream.read_message(), keepalive)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     yield process_pb.ProcessEvent(event=Oneof("keepalive", process_pb.ProcessEvent.KeepAlive()))
                     continue
                 except AgentCallError as exc:

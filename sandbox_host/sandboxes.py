@@ -8,6 +8,16 @@ uid block, so nothing it started is left behind.
 
 Sandboxes outlive the host process (a graceful stop leaves them running); each agent enforces its
 sandbox's deadline itself, so none outlives its TTL even if the host never comes back.
+
+Layout of state_dir (0711: traversable, not listable):
+
+    <id>/            0700, the host's only: record.json (0600), agent.sock, agent.log
+    egress/<id>/     0700, owned by the sandbox: its egress proxy socket (bind-mounted read-only)
+    unsafe/<id>/     --unsafe-no-isolation only: the sandbox's home and tmp on the host's disk
+
+Nothing a sandbox can write is ever a path the host follows: the agent's socket is bound by the
+host in <id>/ and handed to the agent as a descriptor, and the agent proves it holds the sandbox's
+secret before a restarted host trusts it again.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ import httpx
 import psutil
 
 from sandbox_host import isolation
-from sandbox_host.agent_client import AgentClient, AgentUnavailable, open_socket_path
+from sandbox_host.agent_client import AGENT_SOCKET, AgentClient, AgentUnavailable, listen_socket
 from sandbox_host.config import HostConfig
 from sandbox_host.egress import SOCKET_NAME, EgressProxy
 from sandbox_host.egress import proxy_env as egress_env
@@ -40,6 +50,12 @@ log = logging.getLogger("sandbox_host.sandboxes")
 ID_ALPHABET = string.ascii_lowercase + string.digits
 RECORD_FILE = "record.json"
 IDEMPOTENCY_FILE = "idempotency.json"
+AGENT_LOG = "agent.log"
+# What agent.log keeps of the sandbox's stdout/stderr. Its pid 1 (bwrap) holds them and is dumpable,
+# so sandbox code can take them (pidfd_getfd): they are a pipe the host drains, never a file.
+AGENT_LOG_MAX_BYTES = 256 * 1024
+EGRESS_DIR = "egress"
+UNSAFE_DIR = "unsafe"
 IDEMPOTENCY_TTL_S = 24 * 3600
 AGENT_READY_TIMEOUT_S = 15.0
 
@@ -68,6 +84,11 @@ class SandboxRecord:
     internet_access: bool = True
     init_pid: int | None = None
     init_started: float | None = None
+    secret: str = ""  # hex; the agent proves it holds it (agent_client.AgentClient.verify)
+
+    def public(self) -> dict[str, Any]:
+        """The record without its secret (what the idempotency file keeps)."""
+        return {k: v for k, v in asdict(self).items() if k != "secret"}
 
 
 class Sandbox:
@@ -75,10 +96,12 @@ class Sandbox:
         self.record = record
         self.directory = directory
         self.agent: AgentClient | None = None
-        # Preview clients per sandbox port (preview.py), closed with the sandbox.
-        self.previews: dict[int, httpx.AsyncClient] = {}
+        self.egress: EgressProxy | None = None
+        # The preview client (preview.py) and its connection count, closed with the sandbox.
+        self.preview: httpx.AsyncClient | None = None
+        self.preview_refusals = 0
         self.gone = asyncio.Event()
-        self._socket_fds: list[int] = []
+        self.output_drain: asyncio.Task | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._pidfd: int | None = None
         self.lock = asyncio.Lock()
@@ -88,24 +111,21 @@ class Sandbox:
         return self.record.sandbox_id
 
     @property
-    def run_dir(self) -> Path:
-        return self.directory / "run"
+    def agent_socket(self) -> Path:
+        return self.directory / AGENT_SOCKET
 
-    def socket_fd(self, name: str) -> int:
-        fd = open_socket_path(str(self.run_dir / name))
-        self._socket_fds.append(fd)
-        return fd
+    def new_agent_client(self) -> AgentClient:
+        return AgentClient(self.agent_socket, bytes.fromhex(self.record.secret))
 
     async def close_previews(self) -> None:
-        clients, self.previews = list(self.previews.values()), {}
-        for client in clients:
+        client, self.preview = self.preview, None
+        if client is not None:
             await client.aclose()
 
     def release(self) -> None:
-        for fd in self._socket_fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._socket_fds.clear()
+        if self.output_drain is not None:
+            self.output_drain.cancel()
+            self.output_drain = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -122,8 +142,11 @@ def new_sandbox_id() -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
+    """Atomically, readable by the host only: records hold access tokens and secrets."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(data))
     os.replace(tmp, path)
 
 
@@ -133,7 +156,8 @@ class SandboxManager:
         self.state_dir = config.state_dir
         self.uid_base = isolation.uid_block(config.state_dir)
         self.sandboxes: dict[str, Sandbox] = {}
-        self.egress = EgressProxy(config.state_dir)
+        self.egress_root = config.state_dir / EGRESS_DIR
+        self.unsafe_root = config.state_dir / UNSAFE_DIR
         self._idempotency: dict[str, dict[str, Any]] = {}
         self._pending_creates: dict[str, asyncio.Future[Sandbox]] = {}
         self._create_lock = asyncio.Lock()
@@ -144,32 +168,35 @@ class SandboxManager:
     # ------------------------------------------------------------------ startup / shutdown
     async def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        # Traversable but not listable: sandboxes running as other uids need to reach their own
-        # directories in unsafe mode; in isolated mode directories are passed as descriptors.
+        # Traversable but not listable: bwrap resolves a sandbox's egress directory as the sandbox's
+        # uid, and in unsafe mode the agent reaches its home and tmp as that uid.
         os.chmod(self.state_dir, 0o711)
+        for root in (self.egress_root, self.unsafe_root):
+            root.mkdir(mode=0o711, exist_ok=True)
+            os.chmod(root, 0o711)
         self._agent_source = isolation.AGENT_SOURCE.read_bytes()
         self._passwd, self._group = isolation.passwd_files()
         self._load_idempotency()
-        if self.config.isolated:
-            await self.egress.start()
         await self._adopt_or_reap()
 
     async def shutdown(self) -> None:
         """Stop managing; running sandboxes keep running and are adopted by the next start."""
         for sandbox in self.sandboxes.values():
             await sandbox.close_previews()
+            if sandbox.egress is not None:
+                await sandbox.egress.close()
             sandbox.release()
         self.sandboxes.clear()
         for task in list(self._tasks):
             task.cancel()
-        await self.egress.close()
 
     async def kill_all(self) -> None:
         await asyncio.gather(*(self.kill(sid) for sid in list(self.sandboxes)))
 
     async def _adopt_or_reap(self) -> None:
         adopted_uids: set[int] = set()
-        for directory in sorted(p for p in self.state_dir.iterdir() if p.is_dir() and p != self.egress.directory):
+        roots = (self.egress_root, self.unsafe_root)
+        for directory in sorted(p for p in self.state_dir.iterdir() if p.is_dir() and p not in roots):
             record = self._read_record(directory)
             if record is not None and await self._adopt(record, directory):
                 adopted_uids.add(record.uid)
@@ -178,6 +205,10 @@ class SandboxManager:
                 await asyncio.to_thread(isolation.kill_uid, record.uid, self._verified_init_pid(record))
                 log.info("reaped sandbox %s left by a previous run", record.sandbox_id)
             await asyncio.to_thread(shutil.rmtree, directory, True)
+        for root in roots:  # files of sandboxes that are no more
+            for leftover in root.iterdir():
+                if leftover.name not in self.sandboxes:
+                    await asyncio.to_thread(shutil.rmtree, leftover, True)
         # Anything else in this host's uid block is a leftover (e.g. a crash between starting a
         # sandbox and recording it): kill it.
         stray_uids = {
@@ -215,10 +246,16 @@ class SandboxManager:
         assert record.init_pid is not None
         sandbox = Sandbox(record, directory)
         try:
-            sandbox.agent = AgentClient(sandbox.socket_fd("agent.sock"))
-            await asyncio.wait_for(sandbox.agent.call("ping"), 5)
+            if not record.secret:
+                raise AgentUnavailable("the record has no secret")
+            sandbox.agent = sandbox.new_agent_client()
+            await asyncio.wait_for(sandbox.agent.verify(), 5)
+            await self._start_egress(sandbox)
             self._watch(sandbox, record.init_pid)
-        except (AgentUnavailable, OSError, asyncio.TimeoutError):
+        except (AgentUnavailable, OSError, ValueError, TimeoutError) as exc:
+            log.warning("not adopting sandbox %s: %s", record.sandbox_id, exc)
+            if sandbox.egress is not None:
+                await sandbox.egress.close()
             sandbox.release()
             return False
         self.sandboxes[record.sandbox_id] = sandbox
@@ -270,7 +307,7 @@ class SandboxManager:
         self._pending_creates[idempotency_key] = future
         try:
             sandbox = await self._create(template_id, timeout_s, metadata, env_vars, internet_access)
-            self._idempotency[idempotency_key] = {"record": asdict(sandbox.record), "created_at": time.time()}
+            self._idempotency[idempotency_key] = {"record": sandbox.record.public(), "created_at": time.time()}
             self._save_idempotency()
             future.set_result(sandbox)
             return sandbox.record
@@ -305,6 +342,7 @@ class SandboxManager:
                 slot=slot,
                 uid=self.uid_base + slot,
                 access_token=secrets.token_urlsafe(24),
+                secret=secrets.token_hex(32),
                 started_at=now,
                 end_at=now + timeout_s,
                 metadata=metadata,
@@ -317,6 +355,8 @@ class SandboxManager:
             await self._launch(sandbox)
         except BaseException:
             self.sandboxes.pop(record.sandbox_id, None)
+            if sandbox.egress is not None:
+                await sandbox.egress.close()
             sandbox.release()
             await asyncio.to_thread(isolation.kill_uid, record.uid)  # whatever got started
             await asyncio.to_thread(self._remove_files, sandbox)
@@ -325,50 +365,69 @@ class SandboxManager:
         log.info("created sandbox %s (template %s, timeout %ss)", record.sandbox_id, template_id, timeout_s)
         return sandbox
 
+    def _unsafe_dir(self, sandbox: Sandbox) -> Path:
+        return self.unsafe_root / sandbox.sandbox_id
+
     def _prepare_dirs(self, sandbox: Sandbox) -> None:
-        uid = sandbox.record.uid
-        sandbox.directory.mkdir(mode=0o711)
-        for name in ("home", "tmp", "run"):
-            path = sandbox.directory / name
-            path.mkdir(mode=0o700 if name != "tmp" else 0o1777)
-            os.chown(path, uid, uid)
-        os.chmod(sandbox.directory / "tmp", 0o1777)
-        (sandbox.directory / "home" / "project").mkdir()
-        os.chown(sandbox.directory / "home" / "project", uid, uid)
+        sandbox.directory.mkdir(mode=0o700)
+        os.chmod(sandbox.directory, 0o700)
         _write_json(sandbox.directory / RECORD_FILE, asdict(sandbox.record))
+        if self.config.isolated:
+            return
+        # Unsafe mode: the agent runs as the sandbox's uid on the host's filesystem.
+        uid, files = sandbox.record.uid, self._unsafe_dir(sandbox)
+        files.mkdir(mode=0o711)
+        for name, mode in (("home", 0o700), ("tmp", 0o1777), ("home/project", 0o755)):
+            (files / name).mkdir()
+            os.chmod(files / name, mode)
+            os.chown(files / name, uid, uid)
+
+    async def _start_egress(self, sandbox: Sandbox) -> None:
+        if not (self.config.isolated and sandbox.record.internet_access):
+            return
+        sandbox.egress = EgressProxy(
+            sandbox.sandbox_id,
+            self.egress_root / sandbox.sandbox_id,
+            self.config.max_egress_connections,
+            self.config.egress_allowed_networks,
+        )
+        await sandbox.egress.start(sandbox.record.uid)
 
     async def _launch(self, sandbox: Sandbox) -> None:
         record = sandbox.record
         await asyncio.to_thread(self._prepare_dirs, sandbox)
-        egress = self.config.isolated and record.internet_access
+        await self._start_egress(sandbox)
+        egress = sandbox.egress is not None
         env = isolation.sandbox_env({**(egress_env() if egress else {}), **record.env_vars})
         limits = [isolation.find_tool("prlimit"), *self.config.limits.prlimit_args(), "--"]
-        log_file = open(sandbox.directory / "agent.log", "ab")
-        fds: list[int] = []
+        output_r, output_w = os.pipe()
+        sandbox.output_drain = asyncio.get_running_loop().create_task(self._drain_output(sandbox, output_r))
+        init_r, init_w = os.pipe()
+        fds: list[int] = [init_r]  # the child's copies: closed here once it has them
         info_r: int | None = None
+        listener = None
         try:
+            listener = listen_socket(sandbox.agent_socket)
+            agent_fd = listener.fileno()
             if self.config.isolated:
                 info_r, info_w = os.pipe()
-                agent_fd = isolation.memfd("agent", self._agent_source)
+                source_fd = isolation.memfd("agent", self._agent_source)
                 passwd_fd = isolation.memfd("passwd", self._passwd)
                 group_fd = isolation.memfd("group", self._group)
-                fds = [agent_fd, passwd_fd, group_fd, info_w]
+                fds += [source_fd, passwd_fd, group_fd, info_w]
                 agent_args = isolation.agent_command_args(
-                    run_dir=isolation.RUN_DIR_INSIDE,
+                    agent_fd=agent_fd,
+                    init_fd=init_r,
                     home_dir=isolation.SANDBOX_HOME,
                     tmp_dir="/tmp",
-                    env=env,
                     deadline=record.end_at,
                     read_anywhere=True,
                     egress_socket=f"{isolation.EGRESS_DIR_INSIDE}/{SOCKET_NAME}" if egress else None,
                 )
                 cmd = limits + isolation.bwrap_args(
-                    bwrap=isolation.find_tool("bwrap"),
-                    home_dir=sandbox.directory / "home",
-                    tmp_dir=sandbox.directory / "tmp",
-                    run_dir=sandbox.run_dir,
-                    egress_dir=self.egress.directory if egress else None,
-                    agent_fd=agent_fd,
+                    bwrap=isolation.bwrap_binary(),
+                    egress_dir=sandbox.egress.directory if sandbox.egress is not None else None,
+                    agent_fd=source_fd,
                     passwd_fd=passwd_fd,
                     group_fd=group_fd,
                     info_fd=info_w,
@@ -376,72 +435,98 @@ class SandboxManager:
                     agent_args=agent_args,
                     disk_limit_bytes=self.config.limits.disk_bytes,
                 )
-                pass_fds = tuple(fds)
+                cwd = "/"
             else:
-                env["HOME"] = str(sandbox.directory / "home")
-                env["TMPDIR"] = str(sandbox.directory / "tmp")
+                files = self._unsafe_dir(sandbox)
+                env.update(HOME=str(files / "home"), TMPDIR=str(files / "tmp"))
                 agent_args = isolation.agent_command_args(
-                    run_dir=str(sandbox.run_dir),
-                    home_dir=str(sandbox.directory / "home"),
-                    tmp_dir=str(sandbox.directory / "tmp"),
-                    env=env,
+                    agent_fd=agent_fd,
+                    init_fd=init_r,
+                    home_dir=str(files / "home"),
+                    tmp_dir=str(files / "tmp"),
                     deadline=record.end_at,
                     read_anywhere=False,
                     egress_socket=None,  # unisolated sandboxes share the host's network
                 )
                 # The sandbox uid may not reach the repository or the venv: run a copy of the agent.
-                agent_copy = sandbox.directory / "agent.py"
+                agent_copy = files / "agent.py"
                 agent_copy.write_bytes(self._agent_source)
                 agent_copy.chmod(0o644)
                 cmd = limits + [isolation.system_python(), "-I", str(agent_copy), *agent_args]
-                pass_fds = ()
+                cwd = str(files / "home")
             process = await asyncio.create_subprocess_exec(
                 *cmd,
-                pass_fds=pass_fds,
+                pass_fds=(agent_fd, *fds),
+                env=isolation.host_process_env(),  # never the host's own: it holds the operator's secrets
                 user=record.uid,
                 group=record.uid,
                 extra_groups=[],
                 start_new_session=True,  # never part of the host's process group or terminal
                 stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=log_file,
-                cwd=str(sandbox.directory / "home") if not self.config.isolated else "/",
+                stdout=output_w,
+                stderr=output_w,
+                cwd=cwd,
             )
+        except BaseException:
+            os.close(init_w)
+            if info_r is not None:
+                os.close(info_r)
+            raise
         finally:
-            log_file.close()
+            os.close(output_w)
+            if listener is not None:
+                listener.close()  # the agent holds it now; a dead agent then refuses connections at once
             for fd in fds:
                 os.close(fd)
         self._reap_child(process)
+        init = json.dumps({"secret": record.secret, "env": env}).encode()
+        await asyncio.wait_for(asyncio.to_thread(_write_and_close, init_w, init), AGENT_READY_TIMEOUT_S)
         if info_r is not None:
             init_pid = await asyncio.wait_for(asyncio.to_thread(_read_child_pid, info_r), AGENT_READY_TIMEOUT_S)
         else:
             init_pid = process.pid
         if init_pid is None:
-            raise SandboxStartError(f"sandbox failed to start: {self._agent_log_tail(sandbox)}")
-        await self._wait_for_agent(sandbox, process)
+            raise SandboxStartError(f"sandbox failed to start: {await self._agent_log_tail(sandbox)}")
+        await self._wait_for_agent(sandbox)
         record.init_pid = init_pid
         record.init_started = psutil.Process(init_pid).create_time()
         await asyncio.to_thread(_write_json, sandbox.directory / RECORD_FILE, asdict(record))
         self._watch(sandbox, init_pid)
 
-    async def _wait_for_agent(self, sandbox: Sandbox, process: asyncio.subprocess.Process) -> None:
-        deadline = time.monotonic() + AGENT_READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if process.returncode is not None:
-                break
-            try:
-                sandbox.agent = AgentClient(sandbox.socket_fd("agent.sock"))
-                await sandbox.agent.call("ping")
-                return
-            except (FileNotFoundError, AgentUnavailable):
-                sandbox.release()
-                await asyncio.sleep(0.005)
-        raise SandboxStartError(f"sandbox agent did not start: {self._agent_log_tail(sandbox)}")
+    async def _wait_for_agent(self, sandbox: Sandbox) -> None:
+        # The socket listens from before the agent started: a connection waits for it to accept,
+        # and fails at once if it exits (nothing holds the listening socket any more).
+        sandbox.agent = sandbox.new_agent_client()
+        try:
+            await asyncio.wait_for(sandbox.agent.verify(), AGENT_READY_TIMEOUT_S)
+        except (AgentUnavailable, OSError, ValueError, TimeoutError):
+            raise SandboxStartError(f"sandbox agent did not start: {await self._agent_log_tail(sandbox)}") from None
 
     @staticmethod
-    def _agent_log_tail(sandbox: Sandbox) -> str:
+    async def _drain_output(sandbox: Sandbox, fd: int) -> None:
+        """Copy the sandbox's stdout/stderr to agent.log up to AGENT_LOG_MAX_BYTES, discard the rest."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
+        )
+        log_fd = os.open(sandbox.directory / AGENT_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+        room = AGENT_LOG_MAX_BYTES
         try:
-            return (sandbox.directory / "agent.log").read_text(errors="replace")[-2000:].strip() or "no output"
+            while chunk := await reader.read(65536):
+                if room > 0:
+                    room -= os.write(log_fd, chunk[:room])
+        finally:
+            os.close(log_fd)
+            transport.close()
+
+    @staticmethod
+    async def _agent_log_tail(sandbox: Sandbox) -> str:
+        if sandbox.output_drain is not None:  # everything the failed start wrote
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(sandbox.output_drain), 2)
+        try:
+            return (sandbox.directory / AGENT_LOG).read_text(errors="replace")[-2000:].strip() or "no output"
         except OSError:
             return "no output"
 
@@ -504,15 +589,17 @@ class SandboxManager:
             return
         del self.sandboxes[sandbox.sandbox_id]
         await sandbox.close_previews()
+        if sandbox.egress is not None:
+            await sandbox.egress.close()
         sandbox.release()
         await asyncio.to_thread(isolation.kill_uid, sandbox.record.uid, self._verified_init_pid(sandbox.record))
         await asyncio.to_thread(self._remove_files, sandbox)
         sandbox.gone.set()
         log.info("sandbox %s ended: %s", sandbox.sandbox_id, reason)
 
-    @staticmethod
-    def _remove_files(sandbox: Sandbox) -> None:
-        shutil.rmtree(sandbox.directory, ignore_errors=True)
+    def _remove_files(self, sandbox: Sandbox) -> None:
+        for directory in (sandbox.directory, self.egress_root / sandbox.sandbox_id, self._unsafe_dir(sandbox)):
+            shutil.rmtree(directory, ignore_errors=True)
 
     # ------------------------------------------------------------------ queries
     def get(self, sandbox_id: str) -> Sandbox | None:
@@ -520,6 +607,17 @@ class SandboxManager:
 
     def list(self) -> list[Sandbox]:
         return sorted(self.sandboxes.values(), key=lambda sb: (sb.record.started_at, sb.sandbox_id))
+
+
+def _write_and_close(fd: int, data: bytes) -> None:
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except BrokenPipeError:
+        pass  # the agent died before reading: _wait_for_agent reports why
+    finally:
+        os.close(fd)
 
 
 def _read_child_pid(info_fd: int) -> int | None:

@@ -6,10 +6,11 @@ import argparse
 import asyncio
 import logging
 import os
+import resource
 import sys
 
 import uvicorn
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from genloop.settings import ConfigError, Settings, get_settings
 from sandbox_host.app import HostApp
@@ -32,7 +33,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", help="address to bind (default: settings sandbox_host.host, 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port for the API, envd and previews (default: 49983)")
     parser.add_argument("--state-dir", help="where sandboxes live (relative: under data_dir)")
-    parser.add_argument("--api-key", help="accept only this API key (default: any non-empty key)")
+    parser.add_argument(
+        "--api-key", help="the control plane's key (default: generated once into data_dir/sandbox-host.key)"
+    )
     parser.add_argument(
         "--unsafe-no-isolation",
         action="store_true",
@@ -56,11 +59,28 @@ def apply_overrides(settings: Settings, args: argparse.Namespace) -> Settings:
     if args.unsafe_no_isolation:
         updates["unsafe_no_isolation"] = True
     current = settings.sandbox_host
-    section = type(current).model_validate({**current.model_dump(), **updates})  # validates the flags too
+    try:
+        section = type(current).model_validate({**current.model_dump(), **updates})  # validates the flags too
+    except ValidationError as exc:
+        raise ConfigError("; ".join(e["msg"] for e in exc.errors())) from None
     return settings.model_copy(update={"sandbox_host": section})
 
 
+def raise_fd_limit() -> None:
+    """Every sandbox connection (preview, egress, envd) is a descriptor: use all the kernel allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def serve(config: HostConfig, log_level: str) -> int:
+    raise_fd_limit()
+    key_source = "configured" if config.api_key else f"in {config.key_file}"
+    try:
+        config = config.with_api_key()
+    except (ConfigError, OSError) as exc:
+        log.error("refusing to start: %s", exc)
+        return 2
     config.state_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(config.state_dir, 0o711)
     if config.isolated:
@@ -91,12 +111,13 @@ async def serve(config: HostConfig, log_level: str) -> int:
         )
     )
     log.info(
-        "sandbox host on http://%s:%d (state %s, %s, %d sandboxes adopted)",
+        "sandbox host on http://%s:%d (state %s, %s, %d sandboxes adopted, API key %s)",
         config.host,
         config.port,
         config.state_dir,
         "isolated with bubblewrap" if config.isolated else "NOT isolated",
         len(manager.sandboxes),
+        key_source,
     )
     try:
         await server.serve()

@@ -17,6 +17,7 @@ import pytest
 from e2b import AsyncSandbox
 
 from genloop.http import preview_client
+from genloop.settings import load_settings
 from sandbox_host.testing import free_port
 from tests.workflows.conftest import make_stack
 
@@ -115,7 +116,8 @@ async def test_up_build_status_list_and_clean_stop(stack_env):
         again = _genloop(stack_env, "build", "second", "--project", "cli-proj", "--wait")
         assert again.returncode == 0 and "build_v0_2" in again.stdout
         host = f"http://127.0.0.1:{stack_env['GENLOOP_SANDBOX_HOST_PORT']}"
-        opts = dict(api_key="genloop-local", api_url=host, sandbox_url=host)
+        # The key the host generated into the data dir, found the way the worker finds it.
+        opts = dict(api_key=load_settings(environ=stack_env).sandbox_api_key, api_url=host, sandbox_url=host)
         paginator = AsyncSandbox.list(**opts)
         while paginator.has_next:
             for info in await paginator.next_items():

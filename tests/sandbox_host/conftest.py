@@ -8,12 +8,18 @@ from typing import Any
 
 import pytest
 
-from sandbox_host.testing import RunningHost, running_host
+from sandbox_host.testing import RunningHost, package_index_exceptions, running_host
 
 
 @pytest.fixture(scope="session")
 async def host(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningHost]:
-    async with running_host(tmp_path_factory.mktemp("sandbox-host"), default_timeout_s=120) as running:
+    # pip in a sandbox reaches PyPI through egress, which denies non-global addresses: allow the
+    # index's own address where this machine resolves it to a mirror at one.
+    async with running_host(
+        tmp_path_factory.mktemp("sandbox-host"),
+        default_timeout_s=120,
+        egress_allowed_networks=package_index_exceptions(),
+    ) as running:
         yield running
 
 

