@@ -1,7 +1,8 @@
 """`genloop` command line: run the services, trigger and inspect builds, debug and replay.
 
-One module per command group (`client`: through the API; `services`: the stack and the worker;
-`ops`: debug, replay, sweep, migrate), plus the stack supervisor and the worker assembly. This
+One module per command group (`client`: builds through the API; `versions`: a project's line of
+versions; `services`: the stack and the worker; `ops`: debug, replay, sweep, migrate), plus the
+stack supervisor and the worker assembly. This
 package is the roof: it may import every layer, and nothing below imports it.
 """
 
@@ -12,7 +13,7 @@ import asyncio
 import logging
 import sys
 
-from genloop.cli import client, ops, services
+from genloop.cli import client, ops, services, versions
 from genloop.cli.client import EXIT_USAGE, CliError
 from genloop.settings import ConfigError, get_settings
 
@@ -53,13 +54,14 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("replay", help="replay a workflow history (id on the server, or a JSON export)")
     r.add_argument("target", metavar="WORKFLOW_ID|FILE")
     sub.add_parser("sweep", help="kill sandboxes whose build is gone")
+    versions.add_parsers(sub)
     return p
 
 
 _COMMANDS = {
     "up": services.cmd_up, "worker": services.cmd_worker, "migrate": ops.cmd_migrate, "build": client.cmd_build,
     "status": client.cmd_status, "cancel": client.cmd_cancel, "list": client.cmd_list, "debug": ops.cmd_debug,
-    "replay": ops.cmd_replay, "sweep": ops.cmd_sweep,
+    "replay": ops.cmd_replay, "sweep": ops.cmd_sweep, **versions.COMMANDS,
 }
 
 

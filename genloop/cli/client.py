@@ -20,7 +20,7 @@ def _api_url(settings: Settings) -> str:
     return f"http://{settings.api.host}:{settings.api.port}"
 
 
-def _api_client(settings: Settings, base_url: str | None = None) -> httpx.AsyncClient:
+def api_client(settings: Settings, base_url: str | None = None) -> httpx.AsyncClient:
     headers = {}
     token = settings.api.token.get_secret_value()
     if token:
@@ -39,7 +39,7 @@ class CliError(Exception):
         return f"CliError({str(self)!r}, code={self.code})"
 
 
-async def _api(http: httpx.AsyncClient, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+async def api_call(http: httpx.AsyncClient, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
     try:
         response = await http.request(method, path, **kwargs)
     except httpx.TransportError as exc:
@@ -71,16 +71,21 @@ async def _events(http: httpx.AsyncClient, build_id: str) -> AsyncIterator[tuple
 
 async def run_build(settings: Settings, goal: str, project: str, *, wait: bool, base_url: str | None = None,
                     out=sys.stdout) -> int:
-    async with _api_client(settings, base_url) as http:
-        created = await _api(http, "POST", f"/v1/projects/{project}/builds", json={"goal": goal})
+    async with api_client(settings, base_url) as http:
+        created = await api_call(http, "POST", f"/v1/projects/{project}/builds", json={"goal": goal})
         build_id = created["build_id"]
         print(f"build {build_id} started", file=out, flush=True)
         if not wait:
             return 0
-        async for event, data in _events(http, build_id):
-            if event == "build.stage.started":
-                print(f"  {data.get('label') or data.get('stage')}", file=out, flush=True)
-        final = await _api(http, "GET", f"/v1/builds/{build_id}")
+        return await follow_build(http, build_id, out)
+
+
+async def follow_build(http: httpx.AsyncClient, build_id: str, out) -> int:
+    """Follow a build's stages until it ends; print its preview (or its failure and debug_id)."""
+    async for event, data in _events(http, build_id):
+        if event == "build.stage.started":
+            print(f"  {data.get('label') or data.get('stage')}", file=out, flush=True)
+    final = await api_call(http, "GET", f"/v1/builds/{build_id}")
     web_ui = final.get("web_ui") or (final.get("links") or {}).get("web_ui", "")
     if final.get("stage") == "ready":
         print(f"Preview:  {final['preview_url']}", file=out)
@@ -99,21 +104,21 @@ async def cmd_build(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    async with _api_client(settings) as http:
-        print(json.dumps(await _api(http, "GET", f"/v1/builds/{args.build_id}"), indent=2))
+    async with api_client(settings) as http:
+        print(json.dumps(await api_call(http, "GET", f"/v1/builds/{args.build_id}"), indent=2))
     return 0
 
 
 async def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
-    async with _api_client(settings) as http:
-        await _api(http, "POST", f"/v1/builds/{args.build_id}/cancel", json={"reason": args.reason})
+    async with api_client(settings) as http:
+        await api_call(http, "POST", f"/v1/builds/{args.build_id}/cancel", json={"reason": args.reason})
     print(f"cancel requested for {args.build_id}")
     return 0
 
 
 async def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
-    async with _api_client(settings) as http:
-        page = await _api(http, "GET", f"/v1/projects/{args.project}/builds", params={"limit": args.limit})
+    async with api_client(settings) as http:
+        page = await api_call(http, "GET", f"/v1/projects/{args.project}/builds", params={"limit": args.limit})
     for b in page.get("builds", []):
         print(f"{b['build_id']}  {b['stage']:<10} {b.get('build_version') or '-':<12} {b.get('preview_url') or ''}")
     return 0

@@ -170,9 +170,10 @@ def _activity_attempt() -> int:
 
 class GatedRunnerDouble:
     """CODE waits until the file `gate_dir/<build id>` exists (the test opens the gate) on its first
-    attempt; a retried attempt (after a worker crash, a DB outage...) does not wait."""
+    attempt; a retried attempt (after a worker crash, a DB outage...) does not wait. A new app is the
+    template app; a change writes `<change text>.txt` (so a test can see which changes a version has)."""
 
-    capabilities = frozenset({Capability.NEW_APP})
+    capabilities = frozenset({Capability.NEW_APP, Capability.CHANGE})
 
     def __init__(self, gate_dir: str) -> None:
         self.gate_dir = gate_dir
@@ -185,6 +186,8 @@ class GatedRunnerDouble:
         gate = Path(self.gate_dir) / activity.info().workflow_id
         while _activity_attempt() == 1 and not gate.exists():
             await asyncio.sleep(0.1)
+        if task.kind is Capability.CHANGE:
+            return RunnerResult(files={f"{task.change}.txt": f"{task.change}\n"}, summary=f"added {task.change}.txt")
         return await TemplateRunner().run(task, progress)
 
 
