@@ -370,6 +370,8 @@ class BuildActivities:
                     await self.repo.set_status_message(build_id, shown)
         except (GenloopError, asyncio.CancelledError):
             work.cancel()
+            # Let the runner close its stream before the cancel is reported (bounded: never hang).
+            await asyncio.wait({work}, timeout=5)
             raise
         except Exception as exc:  # noqa: BLE001 - a runner bug is permanent for this build
             raise GenloopError(ErrorKind.RUNNER_FAILED, f"{type(exc).__name__}: {exc}") from exc

@@ -16,6 +16,7 @@ BENCHMARKS = {
     "modes": "bench.modes_bench",
     "levers": "bench.levers_bench",
     "sandbox-host": "bench.sandbox_host_bench",
+    "fix": "bench.fix_bench",
 }
 
 

@@ -30,6 +30,7 @@ with workflow.unsafe.imports_passed_through():
         CodeRequest,
         CodeResult,
         FailureInfo,
+        FileManifestEntry,
         FinishInput,
         FinishResult,
         KillSandboxInput,
@@ -247,6 +248,7 @@ class BuildWorkflow:
         )
         failures: list[str] = []
         installed = False
+        synced_from: list[FileManifestEntry] | None = None  # a fix's files still to put into the sandbox
         while True:
             try:
                 await self._enter(Stage.DEPS)
@@ -255,6 +257,17 @@ class BuildWorkflow:
                     self._status.sandbox_id = info.sandbox_id
                     self._status.workspace_path = info.workspace_path
                     sandbox_input.sandbox_id = info.sandbox_id
+                elif synced_from is not None:
+                    synced: SyncFilesResult = await self._activity(
+                        "sync_sandbox_files",
+                        SyncFilesInput(
+                            build_id=req.build_id, sandbox_id=info.sandbox_id, workspace_path=WORKSPACE_PATH,
+                            old_files=synced_from, new_files=code.files,
+                        ),
+                        SyncFilesResult,
+                    )
+                    sandbox_input.reinstall = sandbox_input.reinstall or synced.dependencies_changed
+                    synced_from = None
                 if not installed or sandbox_input.reinstall:
                     await self._activity("install_dependencies", sandbox_input, str)
                     installed, sandbox_input.reinstall = True, False
@@ -274,18 +287,10 @@ class BuildWorkflow:
                 if fixed is None:
                     self._fix_stopped = "the runner returned no change"
                     raise
-                assert info is not None and sandbox_input.sandbox_id is not None
-                synced: SyncFilesResult = await self._activity(
-                    "sync_sandbox_files",
-                    SyncFilesInput(
-                        build_id=req.build_id, sandbox_id=sandbox_input.sandbox_id, workspace_path=WORKSPACE_PATH,
-                        old_files=code.files, new_files=fixed.files,
-                    ),
-                    SyncFilesResult,
-                )
+                synced_from = code.files if info is not None else None
                 code = fixed
                 sandbox_input.files = fixed.files
-                sandbox_input.reinstall = synced.dependencies_changed or failure.stage == Stage.DEPS.value
+                sandbox_input.reinstall = failure.stage == Stage.DEPS.value
 
     def _fixable(self, err: ActivityError, state: ScaffoldState) -> FailureInfo | None:
         """The failure to show the runner, if this is the app's own failure and attempts remain."""

@@ -11,8 +11,10 @@ from temporalio.client import WorkflowFailureError
 
 from activities.runners.llm import LLMRunner
 from genloop.http import preview_client
-from tests.helpers.fake_models import FAKE_KEY, SERVERS, edit_file, error, text, write_files
+from tests.helpers.fake_models import FAKE_KEY, SERVERS, edit_file, error, slow, text, write_files
+from tests.reliability.harness import wait_until
 from tests.workflows.conftest import make_stack
+from workflows.types import CancelRequest
 
 PROCFILE = "web: python3 app.py\n"
 GOOD_APP = """import os
@@ -138,3 +140,15 @@ async def test_text_answer_is_reasked_and_template_runner_never_fixes(temporal_c
         with pytest.raises(WorkflowFailureError):
             await handle.result()
     assert (await repo.get(handle.id)).attempt == 0 and await repo.list_attempts(handle.id) == []
+
+
+async def test_cancel_during_the_model_stream_stops_it(temporal_client, sandbox_host, repo, model):
+    model.script(slow(write_files({"app.py": GOOD_APP, "Procfile": PROCFILE}), stall_s=60))
+    async with make_stack(temporal_client, sandbox_host, repo, extra_runners={"llm": llm_runner(model)}) as stack:
+        handle = await stack.start("cancelled while writing", runner="llm")
+        await wait_until(lambda: len(model.requests) == 1, "the model call to start")
+        await handle.signal("cancel", CancelRequest(reason="changed my mind"))
+        result = await handle.result()
+        assert result.status == "cancelled"
+        await model.wait_closed_early()  # the runner hung up: no tokens keep streaming for nothing
+    assert (await repo.get(handle.id)).status == "cancelled"
