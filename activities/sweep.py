@@ -35,7 +35,10 @@ async def _workflow_running(client: Client, build_id: str) -> bool:
     return desc.status == WorkflowExecutionStatus.RUNNING
 
 
-async def sweep_orphans(sandboxes: SandboxClient, repo: JobRepository, client: Client) -> SweepReport:
+async def sweep_orphans(
+    sandboxes: SandboxClient, repo: JobRepository, client: Client, *, include_live: bool = False
+) -> SweepReport:
+    """`include_live`: also the sandboxes of live previews (`genloop sweep --all`)."""
     report = SweepReport()
     for info in await sandboxes.list():
         build_id = (info.metadata or {}).get(SANDBOX_METADATA_KEY)
@@ -45,7 +48,8 @@ async def sweep_orphans(sandboxes: SandboxClient, repo: JobRepository, client: C
         if await _workflow_running(client, build_id):
             continue
         job = await repo.get(build_id)
-        if job is not None and job.status == Stage.READY.value and job.sandbox_id == info.sandbox_id:
+        live = job is not None and job.status == Stage.READY.value and job.sandbox_id == info.sandbox_id
+        if live and not include_live:
             continue  # a live preview: its TTL ends it
         await sandboxes.kill(info.sandbox_id)
         report.killed.append(info.sandbox_id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from genloop.cli import client, ops, services, versions
@@ -21,7 +22,10 @@ log = logging.getLogger("genloop")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="genloop", description="Describe an app; get a running preview.")
+    p = argparse.ArgumentParser(
+        prog="genloop", description="Describe an app; get a running preview.",
+        epilog="--debug (anywhere): full logs on the console.",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="start the local stack (Temporal, sandbox host, worker, API)")
@@ -53,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("debug_id")
     r = sub.add_parser("replay", help="replay a workflow history (id on the server, or a JSON export)")
     r.add_argument("target", metavar="WORKFLOW_ID|FILE")
-    sub.add_parser("sweep", help="kill sandboxes whose build is gone")
+    sw = sub.add_parser("sweep", help="kill sandboxes whose build is gone (--all: every genloop sandbox)")
+    sw.add_argument("--all", action="store_true", help="also the sandboxes of live previews")
     versions.add_parsers(sub)
     return p
 
@@ -65,9 +70,51 @@ _COMMANDS = {
 }
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+SERVICES = frozenset({"worker", "api", "sandbox-host"})  # their output is their log: everything at INFO
+
+
+class _QuietLibraries(logging.Filter):
+    """On a person's console: genloop's own INFO lines, and only warnings from libraries (alembic,
+    httpx, the Temporal SDK); the log files keep everything."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name == "genloop" or record.name.startswith("genloop.")
+
+
+def _configure_logging(command: str | None, debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format=LOG_FORMAT)
+    if command not in SERVICES and not debug:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_QuietLibraries())
+
+
+def _log_to_file(settings) -> None:
+    """`genloop up` keeps its full log (libraries included) beside the services' logs."""
+    logs = settings.resolve("logs")
+    logs.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(logs / "genloop-up.log")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.getLogger().addHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    if "temporalio.bridge" in sys.modules and argv is None:
+        # The Temporal SDK's native threads can abort the interpreter while it finalizes (after a
+        # failed connect in particular); everything this process started is stopped by now.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    _configure_logging(argv[0] if argv else None, debug)
     # Services with their own argument parsers.
     if argv[:1] == ["sandbox-host"]:
         from sandbox_host.server import main as host_main
@@ -80,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = get_settings()
+        if args.command == "up":
+            _log_to_file(settings)
         return asyncio.run(_COMMANDS[args.command](settings, args))
     except ConfigError as exc:
         print(f"genloop: configuration error: {exc}", file=sys.stderr)

@@ -65,7 +65,8 @@ async def cmd_sweep(settings: Settings, args: argparse.Namespace) -> int:
 
     repo = JobRepository.from_url(settings.database_url)
     try:
-        report = await sweep_orphans(SandboxClient(SandboxConfig.from_settings(settings)), repo, await connect(settings))
+        report = await sweep_orphans(SandboxClient(SandboxConfig.from_settings(settings)), repo, await connect(settings),
+                                     include_live=args.all)
     finally:
         await repo.aclose()
         await close_sdk_transports()
