@@ -35,6 +35,7 @@ from workflows.types import (
     KillSandboxInput,
     PrepareChangeInput,
     PreparedChange,
+    PreviewPolicy,
     SandboxInfo,
     SandboxInput,
     ScaffoldState,
@@ -73,7 +74,7 @@ _NETWORK_MARKERS = (
 )
 
 
-def _failures_as_application_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+def failures_as_application_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     """Every failure leaves an activity as an ApplicationError typed by its ErrorKind, so the
     workflow's retry policies (non_retryable_error_types) and failure handling see one taxonomy."""
 
@@ -141,6 +142,8 @@ class BuildActivities:
         health_deadline_s: float = HEALTH_DEADLINE_S,
         fix_attempts: int = 0,
         token_budget: int = 0,
+        version_url: Callable[[str], str] | None = None,
+        preview: PreviewPolicy | None = None,
     ) -> None:
         self.repo = repo
         self.sandboxes = sandboxes
@@ -149,6 +152,10 @@ class BuildActivities:
         self.health_deadline_s = health_deadline_s
         self.fix_attempts = fix_attempts  # runner.fix_attempts: repairs a runner that can fix may try
         self.token_budget = token_budget  # runner.max_tokens_per_build; 0: no limit
+        # A stable URL per version (settings.version_url) and its preview policy; None: no gateway
+        # serves versions here, so a build's preview is its sandbox's own URL.
+        self.version_url = version_url
+        self.preview = preview
 
     def all(self) -> list[Callable[..., Any]]:
         return [
@@ -168,7 +175,7 @@ class BuildActivities:
     # --- persistence (run as local activities: short DB writes, no server round trip) ---
 
     @activity.defn(name="record_transition")
-    @_failures_as_application_errors
+    @failures_as_application_errors
     async def record_transition(self, inp: TransitionInput) -> None:
         if inp.stage == Stage.STARTING.value:
             await self.repo.create_job(
@@ -201,7 +208,7 @@ class BuildActivities:
         return inp.stage in {t.stage for t in await self.repo.list_transitions(inp.build_id)}
 
     @activity.defn(name="record_attempt")
-    @_failures_as_application_errors
+    @failures_as_application_errors
     async def record_attempt(self, inp: AttemptInput) -> None:
         await self.repo.record_attempt(
             inp.build_id,
@@ -215,7 +222,7 @@ class BuildActivities:
         )
 
     @activity.defn(name="finish_build")
-    @_failures_as_application_errors
+    @failures_as_application_errors
     async def finish_build(self, inp: FinishInput) -> FinishResult:
         job = await self.repo.finish_ready(
             inp.build_id,
@@ -224,13 +231,16 @@ class BuildActivities:
             workspace_path=inp.workspace_path,
             message=Stage.READY.label,
             at=_parse_at(inp.at),
+            version_url=self.version_url,
         )
-        return FinishResult(build_version=job.build_version or "")
+        if job.preview_label is None:
+            return FinishResult(build_version=job.build_version or "")
+        return FinishResult(build_version=job.build_version or "", version_url=job.preview_url or "", preview=self.preview)
 
     # --- SCAFFOLD ---
 
     @activity.defn(name="create_initial_state")
-    @_failures_as_application_errors
+    @failures_as_application_errors
     async def create_initial_state(self, state: ScaffoldState) -> ScaffoldState:
         runner = self._runner(state.runner)
         if not state.goal.strip():
@@ -244,7 +254,7 @@ class BuildActivities:
         return state
 
     @activity.defn(name="prepare_change")
-    @_failures_as_application_errors
+    @failures_as_application_errors
     async def prepare_change(self, inp: PrepareChangeInput) -> PreparedChange:
         """SCAFFOLD of a change: find its base (the named build, else the project's newest READY
         version), record the lineage, and apply the explicit edits to the base's files."""
@@ -290,7 +300,7 @@ class BuildActivities:
     # --- CODE ---
 
     @activity.defn(name="generate_code")
-    @_failures_as_application_errors
+    @failures_as_application_errors
     async def generate_code(self, req: CodeRequest) -> CodeResult:
         runner = self._runner(req.runner)
         kind = Capability(req.kind)
@@ -321,7 +331,7 @@ class BuildActivities:
         usage = result.usage
         await self._record_usage(req.build_id, usage)
         if result.empty and kind is not Capability.NEW_APP:
-            code = _manifest_result(req.files)
+            code = manifest_result(req.files)
             code.changed, code.summary = False, result.summary
             return code
         files = apply_changes(current, result.files, result.deleted)
@@ -385,14 +395,14 @@ class BuildActivities:
             for (path, content), digest in zip(files.items(), digests, strict=True)
         ]
         await self.repo.set_files(build_id, [(m.path, m.digest, m.size) for m in manifest])
-        return _manifest_result(manifest)
+        return manifest_result(manifest)
 
     # --- DEPS ---
 
     @activity.defn(name="provision_sandbox")
-    @_failures_as_application_errors
+    @failures_as_application_errors
     async def provision_sandbox(self, inp: SandboxInput) -> SandboxInfo:
-        sandbox = await self.sandboxes.create(inp.build_id, inp.project_id)
+        sandbox = await self.sandboxes.create(inp.build_id, inp.project_id, serve=inp.serve)
         # Record the id before anything else can fail, so failure handling can always kill it.
         await self.repo.set_sandbox(inp.build_id, sandbox.sandbox_id, inp.workspace_path)
         await sandbox.set_timeout(self.sandboxes.config.timeout_s)
@@ -404,7 +414,7 @@ class BuildActivities:
         return SandboxInfo(sandbox_id=sandbox.sandbox_id, workspace_path=inp.workspace_path)
 
     @activity.defn(name="sync_sandbox_files")
-    @_failures_as_application_errors
+    @failures_as_application_errors
     async def sync_sandbox_files(self, inp: SyncFilesInput) -> SyncFilesResult:
         """A fix attempt's files into the sandbox the build already has: write what changed, delete
         what went away. Idempotent: a retry writes the same contents and deletes nothing twice."""
@@ -425,7 +435,7 @@ class BuildActivities:
         )
 
     @activity.defn(name="install_dependencies")
-    @_failures_as_application_errors
+    @failures_as_application_errors
     async def install_dependencies(self, inp: SandboxInput) -> str:
         paths = {f.path for f in inp.files}
         if "requirements.txt" in paths:
@@ -461,7 +471,7 @@ class BuildActivities:
     # --- CHECKS ---
 
     @activity.defn(name="start_and_check")
-    @_failures_as_application_errors
+    @failures_as_application_errors
     async def start_and_check(self, inp: SandboxInput) -> ChecksResult:
         sandbox = await self.sandboxes.connect(_require(inp.sandbox_id))
         preview_url = self.sandboxes.preview_url(sandbox, self.app_port)
@@ -521,7 +531,7 @@ class BuildActivities:
     # --- cleanup ---
 
     @activity.defn(name="kill_build_sandboxes")
-    @_failures_as_application_errors
+    @failures_as_application_errors
     async def kill_build_sandboxes(self, inp: KillSandboxInput) -> int:
         """Kill the build's sandbox, and any the metadata says belong to it (a create whose answer
         was lost)."""
@@ -567,6 +577,6 @@ def _require(sandbox_id: str | None) -> str:
 
 
 
-def _manifest_result(manifest: list[FileManifestEntry]) -> CodeResult:
+def manifest_result(manifest: list[FileManifestEntry]) -> CodeResult:
     digest = digest_of(json.dumps([[m.path, m.digest] for m in manifest]).encode())
     return CodeResult(files=list(manifest), manifest_digest=digest, total_bytes=sum(m.size for m in manifest))

@@ -22,10 +22,12 @@ SANDBOX_METADATA_KEY = "genloop_build_id"
 PROJECT_METADATA_KEY = "genloop_project_id"
 
 
-def idempotency_key_for(build_id: str) -> str:
-    # Derived from the build id, so a retried create returns the sandbox the first attempt made.
+def idempotency_key_for(build_id: str, serve: int = 0) -> str:
+    # Derived from the build id, so a retried create returns the sandbox the first attempt made; a
+    # version served again (serve n) gets a key of its own, so it never gets the old, gone sandbox.
     # Hashed because E2B accepts only [a-z0-9-] and build ids may hold capitals and underscores.
-    return "genloop-" + hashlib.sha256(build_id.encode()).hexdigest()[:40]
+    name = build_id if not serve else f"{build_id}/serve-{serve}"
+    return "genloop-" + hashlib.sha256(name.encode()).hexdigest()[:40]
 
 
 @dataclass(frozen=True)
@@ -65,12 +67,12 @@ class SandboxClient:
     def __init__(self, config: SandboxConfig) -> None:
         self.config = config
 
-    async def create(self, build_id: str, project_id: str) -> AsyncSandbox:
+    async def create(self, build_id: str, project_id: str, *, serve: int = 0) -> AsyncSandbox:
         return await AsyncSandbox.create(
             template=self.config.template,
             timeout=self.config.timeout_s,
             metadata={SANDBOX_METADATA_KEY: build_id, PROJECT_METADATA_KEY: project_id},
-            idempotency_key=idempotency_key_for(build_id),
+            idempotency_key=idempotency_key_for(build_id, serve),
             **self.config.sdk_options(),
         )
 

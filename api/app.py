@@ -13,6 +13,7 @@ from temporalio.client import Client
 
 from api.errors import EXCEPTION_HANDLERS, ApiError, error_response
 from api.feed import TransitionFeed
+from api.gateway import PreviewDispatch, PreviewGateway
 from api.openapi import openapi_document
 from api.reading import is_json_media_type
 from api.routes import ROUTES
@@ -114,7 +115,9 @@ class BearerAuth:
         return hmac.compare_digest(scheme.lower() + b" " + token, self._expected)
 
 
-def create_app(settings: Settings | None = None, *, client: Client | None = None, repo: JobRepository | None = None) -> Starlette:
+def create_app(
+    settings: Settings | None = None, *, client: Client | None = None, repo: JobRepository | None = None
+) -> Starlette:
     """`client` and `repo`, when given, are the caller's to close; otherwise the app opens them at
     startup and closes what it opened at shutdown."""
     settings = settings or load_settings()
@@ -137,15 +140,18 @@ def create_app(settings: Settings | None = None, *, client: Client | None = None
             shapes=shapes,
             openapi=document,
         )
+        app.state.gateway = PreviewGateway(settings, repository, temporal)
         try:
             yield
         finally:
+            await app.state.gateway.aclose()
             await feed.aclose()
             if repo is None:
                 await repository.aclose()
 
-    # Outermost first: the Host check runs before authentication, so a rebinding page learns nothing.
-    middleware = [Middleware(RequestGuard, settings=settings)]
+    # Outermost first: version hosts go to the preview gateway and never reach the API; for the API,
+    # the Host check runs before authentication, so a rebinding page learns nothing.
+    middleware = [Middleware(PreviewDispatch, settings=settings), Middleware(RequestGuard, settings=settings)]
     if settings.api_requires_token:
         middleware.append(Middleware(BearerAuth, token=settings.api.token.get_secret_value()))
     app = Starlette(routes=ROUTES, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)

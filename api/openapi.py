@@ -286,6 +286,41 @@ def openapi_document(*, shapes: TriggerShapes, settings: Settings) -> dict[str, 
                 },
             },
         },
+        "/v1/builds/{build_id}/preview/wake": {
+            "parameters": build_id,
+            "post": {
+                "operationId": "wakePreview",
+                "summary": "Wake the version now (resume its sandbox, or serve it again from its files); answers "
+                "when it is live, or why it cannot be.",
+                "requestBody": {"required": False, "content": {_JSON: {"schema": {"type": "object"}}}},
+                "responses": {
+                    "200": _json_response("The version's preview state.", "PreviewOut"),
+                    "400": _BAD_ID,
+                    "404": _NOT_FOUND,
+                    "409": _error("`conflict`: not a READY version with a preview URL, or removed by retention."),
+                    **body_errors,
+                    "503": _UNAVAILABLE,
+                    **common,
+                },
+            },
+        },
+        "/v1/builds/{build_id}/preview/pause": {
+            "parameters": build_id,
+            "post": {
+                "operationId": "pausePreview",
+                "summary": "Pause the version now; its next request wakes it.",
+                "requestBody": {"required": False, "content": {_JSON: {"schema": {"type": "object"}}}},
+                "responses": {
+                    "200": _json_response("The version's preview state.", "PreviewOut"),
+                    "400": _BAD_ID,
+                    "404": _NOT_FOUND,
+                    "409": _error("`conflict`: the version is not being served."),
+                    **body_errors,
+                    "503": _UNAVAILABLE,
+                    **common,
+                },
+            },
+        },
         "/healthz": {
             "get": {
                 "operationId": "health",
@@ -316,7 +351,9 @@ def openapi_document(*, shapes: TriggerShapes, settings: Settings) -> dict[str, 
         "info": {
             "title": "genloop",
             "version": "1.0.0",
-            "description": "Turn a goal into a running app preview. Every error is "
+            "description": "Turn a goal into a running app preview. Every READY version is also served at "
+            "its own stable URL (`preview_url`, a host of its own: `v3--my-project.localhost:<port>`) by the "
+            "preview gateway in this process; those hosts never reach these routes. Every error is "
             '`{"error": {"code", "message"}}`; unknown routes answer 404 and wrong methods 405 '
             "in that shape.",
         },

@@ -139,6 +139,16 @@ class Links(_Out):
     web_ui: str | None = Field(description="The workflow in the Temporal Web UI; null until a run exists.")
 
 
+class PreviewOut(_Out):
+    """A version's preview after a wake or a pause."""
+
+    build_id: str
+    state: PreviewStateName
+    preview_url: str | None
+    message: str = ""
+    debug_id: str = ""
+
+
 class BuildRef(_Out):
     """A build just triggered or asked to cancel."""
 
@@ -202,6 +212,14 @@ class Usage(_Out):
     model: str | None
 
 
+class PreviewStateName(str, Enum):
+    LIVE = "live"
+    PAUSED = "paused"
+    WAKING = "waking"
+    REMOVED = "removed"
+    FAILED = "failed"
+
+
 class BuildSummary(_Out):
     build_id: str
     project_id: str
@@ -209,7 +227,12 @@ class BuildSummary(_Out):
     stage: Stage
     label: str
     message: str
-    preview_url: str | None
+    preview_url: str | None = Field(description="The version's URL: stable for as long as the version is kept.")
+    sandbox_preview_url: str | None = Field(description="The URL of the sandbox serving it now (changes when it is "
+                                            "served again).")
+    preview_state: PreviewStateName | None = Field(description="live, paused (wakes on the next request), waking, "
+                                                   "removed (retention; the URL answers 410), failed (cannot start).")
+    preview_woken_at: datetime | None
     build_version: str | None
     error_message: str | None = Field(description="Safe to show to users; internal detail is never exposed.")
     debug_id: str | None = Field(description="Quote this to support: it finds the internal error detail.")
@@ -311,4 +334,5 @@ class ErrorBody(_Out):
 
 RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     BuildRef, BuildDetail, BuildPage, Health, ErrorBody, StageEvent, ReadyEvent, FailedEvent, FileList, ProjectView,
+    PreviewOut,
 )

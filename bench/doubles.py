@@ -99,7 +99,7 @@ class InstantSandboxClient(SandboxClient):
         super().__init__(config)
         self.server_port = server_port
 
-    async def create(self, build_id: str, project_id: str) -> Any:
+    async def create(self, build_id: str, project_id: str, *, serve: int = 0) -> Any:
         return FakeSandbox(f"fake-{build_id}", self.server_port)
 
     async def connect(self, sandbox_id: str) -> Any:

@@ -7,7 +7,9 @@ as the URL had it, which is what the sandbox host routes previews by.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import re
 import ssl
 from collections.abc import Iterable
 from functools import cache
@@ -76,6 +78,41 @@ class HostNames:
         if is_loopback_name(name) or name in self.exact:
             return True
         return any(name.endswith(suffix) and len(name) > len(suffix) for suffix in self.suffixes)
+
+
+# Per-connection headers a proxy must not pass on (RFC 9110 7.6.1).
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding",
+     "upgrade"}
+)
+
+_NOT_LABEL = re.compile(r"[^a-z0-9-]+")
+VERSION_LABEL = re.compile(r"\Av[0-9]{1,9}--[a-z0-9-]{1,60}\Z")
+MAX_LABEL = 63  # a DNS label
+
+
+def version_label(project_id: str, version_number: int) -> str:
+    """The host label of one version's stable URL: `v3--my-project`. Project ids may hold capitals
+    and underscores, which host names cannot tell apart: such an id gets a short hash so two
+    projects never share a label."""
+    prefix = f"v{version_number}--"
+    name = _NOT_LABEL.sub("-", project_id.lower()).strip("-")
+    suffix = "" if name == project_id else "-" + hashlib.sha256(project_id.encode()).hexdigest()[:6]
+    room = MAX_LABEL - len(prefix) - len(suffix)
+    if len(name) > room:
+        name = name[:room].rstrip("-")
+        suffix = suffix or "-" + hashlib.sha256(project_id.encode()).hexdigest()[:6]
+        name = name[: MAX_LABEL - len(prefix) - len(suffix)].rstrip("-")
+    return f"{prefix}{name or 'p'}{suffix}"
+
+
+def preview_label_of(host_header: str | None) -> str | None:
+    """The version label a preview request's Host names (`v3--my-project.localhost:8000` →
+    `v3--my-project`), or None when the Host is not a version URL."""
+    if not host_header:
+        return None
+    first = host_name(host_header).split(".", 1)[0]
+    return first if VERSION_LABEL.match(first) and "." in host_name(host_header) else None
 
 
 class LoopbackTransport(httpx.AsyncBaseTransport):

@@ -173,6 +173,17 @@ class RunnerSettings(_Section):
         return self
 
 
+class PreviewSettings(_Section):
+    """Every READY version keeps one URL; idle versions pause and wake on their next request."""
+
+    idle_pause_s: float = Field(300, gt=0)  # seconds without a request before a version's sandbox pauses
+    wake_hold_s: float = Field(30, gt=0)  # seconds a request waits for its version to wake, then 503 + Retry-After
+    keep_awake: int = Field(0, ge=0)  # the newest N READY versions of each project never pause
+    retention_days: float = Field(0, ge=0)  # days a version stays served; then its sandbox goes, its URL answers 410
+    public_origin: str = ""  # e.g. https://preview.example.com: version URLs become https://<label>.preview.example.com
+    retry_failed_s: float = Field(600, gt=0)  # after a version failed to start again, how long it answers 503 before a retry
+
+
 class Settings(_Section):
     data_dir: Path = Path(".genloop")
     temporal: TemporalSettings = TemporalSettings()
@@ -182,6 +193,7 @@ class Settings(_Section):
     sandbox_host: SandboxHostSettings = SandboxHostSettings()
     api: ApiSettings = ApiSettings()
     runner: RunnerSettings = RunnerSettings()
+    preview: PreviewSettings = PreviewSettings()
 
     # --- derived values: one place computes them ---
     def resolve(self, path: str | Path) -> Path:
@@ -191,6 +203,14 @@ class Settings(_Section):
     @property
     def database_url(self) -> str:
         return self.database.url or f"sqlite+aiosqlite:///{self.resolve('genloop.db').resolve()}"
+
+    def version_url(self, label: str) -> str:
+        """The stable URL of a version whose host label is `label` (served by the API's gateway)."""
+        origin = self.preview.public_origin.rstrip("/")
+        if origin:
+            scheme, _, host = origin.partition("://")
+            return f"{scheme}://{label}.{host}"
+        return f"http://{label}.localhost:{self.api.port}"
 
     @property
     def sandbox_host_url(self) -> str:

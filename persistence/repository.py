@@ -9,7 +9,7 @@ never interleaves with another writer. Connection trouble surfaces as
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -19,6 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from genloop.errors import ErrorKind, GenloopError
+from genloop.http import version_label
 from persistence.db import WRITE_TRANSACTION, database_errors, describe_url, make_engine, make_session_factory
 from persistence.models import Blob, BuildAttempt, BuildCounter, BuildFile, Job, JobTransition, utcnow
 from workflows.stages import Stage, is_allowed
@@ -157,8 +158,12 @@ class JobRepository:
         workspace_path: str,
         message: str = "",
         at: datetime | None = None,
+        version_url: Callable[[str], str] | None = None,
     ) -> Job:
-        """Version, sandbox columns and the `ready` transition in one transaction: all or nothing."""
+        """Version, sandbox columns and the `ready` transition in one transaction: all or nothing.
+        `preview_url` is the sandbox's own URL; with `version_url` (label -> URL) the version also
+        gets its stable URL, which becomes `preview_url` (the sandbox's stays in
+        `sandbox_preview_url`)."""
         async with self._write() as session:
             job = await self._locked_job(session, build_id)
             if job.stage is Stage.READY:
@@ -167,8 +172,14 @@ class JobRepository:
             _check_transition(job, Stage.READY)
             await self._ensure_build_version(session, job)
             job.sandbox_id = sandbox_id
+            job.sandbox_preview_url = preview_url
             job.preview_url = preview_url
             job.workspace_path = workspace_path
+            if version_url is not None and job.version_number is not None:
+                job.preview_label = version_label(job.project_id, job.version_number)
+                job.preview_url = version_url(job.preview_label)
+                job.preview_state = "live"
+                job.preview_woken_at = at or utcnow()
             await self._record_transition(session, job, Stage.READY, message, at)
             return job
 
@@ -264,6 +275,54 @@ class JobRepository:
                 .limit(limit)
             )
             return list((await session.execute(query)).scalars())
+
+    # --- previews: a version's stable URL and its sandbox's life ------------------------------------
+
+    async def find_by_label(self, label: str) -> Job | None:
+        """The READY version whose stable URL has this host label."""
+        async with self._read() as session:
+            return (await session.execute(select(Job).where(Job.preview_label == label))).scalar_one_or_none()
+
+    async def set_preview(
+        self,
+        build_id: str,
+        state: str,
+        *,
+        sandbox_id: str | None = None,
+        sandbox_preview_url: str | None = None,
+        woken_at: datetime | None = None,
+        sandbox_host: str | None = None,
+    ) -> Job:
+        """Record a version's preview state, and the sandbox that now serves it (after a re-serve)."""
+        async with self._write() as session:
+            job = await self._locked_job(session, build_id)
+            job.preview_state = state
+            if sandbox_id is not None:
+                job.sandbox_id = sandbox_id
+            if sandbox_preview_url is not None:
+                job.sandbox_preview_url = sandbox_preview_url
+            if woken_at is not None:
+                job.preview_woken_at = woken_at
+            if sandbox_host is not None:
+                job.sandbox_host = sandbox_host
+            job.updated_at = utcnow()
+            return job
+
+    async def among_newest_ready(self, build_id: str, newest: int) -> bool:
+        """Whether the build is one of its project's `newest` READY versions (kept awake)."""
+        if newest <= 0:
+            return False
+        async with self._read() as session:
+            job = await session.get(Job, build_id)
+            if job is None or job.version_number is None:
+                return False
+            query = (
+                select(Job.id)
+                .where(Job.project_id == job.project_id, Job.status == Stage.READY.value)
+                .order_by(Job.version_number.desc())
+                .limit(newest)
+            )
+            return build_id in set((await session.execute(query)).scalars())
 
     async def pending_changes(self, project_id: str) -> list[Job]:
         """The project's changes still waiting in its queue (not started), in order."""

@@ -25,24 +25,13 @@ import httpcore
 import httpx
 from starlette.types import Receive, Scope, Send
 
+from genloop.http import HOP_BY_HOP
 from sandbox_host.envd import error_response, sandbox_gone_response
 from sandbox_host.sandboxes import Sandbox, SandboxManager
 
 log = logging.getLogger("sandbox_host.preview")
 
 PREVIEW_HOST = re.compile(r"^(\d{1,5})-([a-z0-9]+)\.")
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 UPSTREAM_TIMEOUT = httpx.Timeout(connect=5.0, read=None, write=None, pool=None)
 
 

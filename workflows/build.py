@@ -12,13 +12,14 @@ from datetime import timedelta
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey
 from temporalio.exceptions import ActivityError, ApplicationError
-from temporalio.workflow import ActivityCancellationType
+from temporalio.workflow import ActivityCancellationType, ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
     from genloop.errors import FRIENDLY_DEFAULT, PERMANENT_ERROR_TYPES, ErrorKind
     from workflows.stages import Stage, is_allowed
     from workflows.types import (
         CANCEL_SIGNAL,
+        PREVIEW_WORKFLOW_NAME,
         STATUS_QUERY,
         WORKFLOW_NAME,
         AttemptInput,
@@ -36,6 +37,7 @@ with workflow.unsafe.imports_passed_through():
         KillSandboxInput,
         PrepareChangeInput,
         PreparedChange,
+        PreviewInput,
         SandboxInfo,
         SandboxInput,
         ScaffoldState,
@@ -43,6 +45,7 @@ with workflow.unsafe.imports_passed_through():
         SyncFilesResult,
         Transition,
         TransitionInput,
+        preview_workflow_id,
     )
 
 BUILD_STAGE = SearchAttributeKey.for_keyword("BuildStage")
@@ -51,7 +54,8 @@ BUILD_VERSION = SearchAttributeKey.for_keyword("BuildVersion")
 SEARCH_ATTRIBUTES = (BUILD_STAGE, PROJECT_ID, BUILD_VERSION)
 
 WORKSPACE_PATH = "/home/user/project"
-FIX_LOOP_PATCH = "fix-loop"  # builds that repair their own failing code (histories before it replay without)
+FIX_LOOP_PATCH = "fix-loop"
+PREVIEW_PATCH = "preview-lifecycle"  # READY versions get a PreviewWorkflow  # builds that repair their own failing code (histories before it replay without)
 # What the fix loop repairs: the app's own failures. Infrastructure errors retry instead.
 FIXABLE_KINDS = frozenset({ErrorKind.APP_CHECK_FAILED.value, ErrorKind.DEPENDENCY_INSTALL_FAILED.value})
 
@@ -67,13 +71,13 @@ def _retry(max_attempts: int, max_interval_s: float = 30) -> RetryPolicy:
 
 
 # Short DB writes: local activities, retried until the database is back (bounded by schedule_to_close).
-_DB_WRITE = dict(
+DB_WRITE = dict(
     start_to_close_timeout=timedelta(seconds=15),
     schedule_to_close_timeout=timedelta(minutes=10),
     retry_policy=_retry(max_attempts=0, max_interval_s=5),
 )
 _LONG = dict(cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED)
-_ACTIVITY_OPTIONS: dict[str, dict] = {
+ACTIVITY_OPTIONS: dict[str, dict] = {
     "create_initial_state": dict(start_to_close_timeout=timedelta(seconds=30), retry_policy=_retry(5)),
     "prepare_change": dict(start_to_close_timeout=timedelta(minutes=2), retry_policy=_retry(5)),
     "sync_sandbox_files": dict(
@@ -200,15 +204,29 @@ class BuildWorkflow:
             ),
             result_type=FinishResult,
             summary="Allocate version, record READY",
-            **_DB_WRITE,
+            **DB_WRITE,
         )
         self._status.build_version = finished.build_version
         self._set_stage(Stage.READY, Stage.READY.label)
         workflow.upsert_search_attributes([BUILD_VERSION.value_set(finished.build_version)])
+        if finished.version_url and finished.preview is not None and workflow.patched(PREVIEW_PATCH):
+            # The version's life goes on in a workflow of its own: idle pause, wake, retention.
+            await workflow.start_child_workflow(
+                PREVIEW_WORKFLOW_NAME,
+                PreviewInput(
+                    build_id=req.build_id, project_id=req.project_id, policy=finished.preview,
+                    sandbox_id=info.sandbox_id, sandbox_preview_url=checks.preview_url,
+                    ready_at=workflow.now().isoformat(),
+                ),
+                id=preview_workflow_id(req.build_id),
+                parent_close_policy=ParentClosePolicy.ABANDON,
+                static_summary=f"{req.project_id} · {finished.build_version} · {finished.version_url}",
+            )
         return BuildResult(
             status=Stage.READY.value,
             sandbox_id=info.sandbox_id,
             preview_url=checks.preview_url,
+            version_url=finished.version_url or None,
             build_version=finished.build_version,
             workspace_path=info.workspace_path,
             message=Stage.READY.label,
@@ -325,7 +343,7 @@ class BuildWorkflow:
                 failure=failure, at=workflow.now().isoformat(),
             ),
             summary=f"Record attempt {failed_attempt}",
-            **_DB_WRITE,
+            **DB_WRITE,
         )
         self._status.attempt = failed_attempt + 1
         await self._enter(Stage.CODE, message=f"Fixing the app (attempt {self._status.attempt} of {self._status.max_attempts})")
@@ -334,7 +352,7 @@ class BuildWorkflow:
 
     async def _activity(self, name: str, arg: object, result_type: type):
         return await workflow.execute_activity(
-            name, arg, result_type=result_type, summary=self._stage.label, **_ACTIVITY_OPTIONS[name]
+            name, arg, result_type=result_type, summary=self._stage.label, **ACTIVITY_OPTIONS[name]
         )
 
     def _check_not_cancelled(self) -> None:
@@ -362,7 +380,7 @@ class BuildWorkflow:
                 **fields,
             ),
             summary=f"Record {stage.value}",
-            **_DB_WRITE,
+            **DB_WRITE,
         )
         self._set_stage(stage, message)
 

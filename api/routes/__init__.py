@@ -7,6 +7,7 @@ from starlette.routing import Route
 from api.routes.builds import ProjectBuilds, build_events, cancel_build, get_build
 from api.routes.files import diff, get_file, list_files
 from api.routes.health import healthz, openapi
+from api.routes.previews import pause_preview, wake_preview
 from api.routes.projects import get_project
 
 ROUTES = [
@@ -18,6 +19,8 @@ ROUTES = [
     Route("/v1/builds/{build_id}/files", list_files, methods=["GET"]),
     Route("/v1/builds/{build_id}/files/{path:path}", get_file, methods=["GET"]),
     Route("/v1/builds/{build_id}/diff", diff, methods=["GET"]),
+    Route("/v1/builds/{build_id}/preview/wake", wake_preview, methods=["POST"]),
+    Route("/v1/builds/{build_id}/preview/pause", pause_preview, methods=["POST"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/openapi.json", openapi, methods=["GET"]),
 ]

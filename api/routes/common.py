@@ -54,6 +54,9 @@ def summary_fields(svc: Services, job: Job) -> dict[str, Any]:
         label=job.stage.label,
         message=job.status_message,
         preview_url=job.preview_url,
+        sandbox_preview_url=job.sandbox_preview_url,
+        preview_state=job.preview_state,
+        preview_woken_at=job.preview_woken_at,
         build_version=job.build_version,
         error_message=job.error_message,  # error_detail is internal and never leaves the server
         debug_id=job.debug_id,

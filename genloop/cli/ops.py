@@ -39,6 +39,7 @@ async def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     from temporalio.worker import Replayer
 
     from workflows.build import BuildWorkflow
+    from workflows.preview import PreviewWorkflow
     from workflows.project import ProjectWorkflow
 
     target = Path(args.target)
@@ -49,7 +50,8 @@ async def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
 
         client = await connect(settings)
         history = await client.get_workflow_handle(args.target).fetch_history()
-    result = await Replayer(workflows=[BuildWorkflow, ProjectWorkflow]).replay_workflow(history, raise_on_replay_failure=False)
+    replayer = Replayer(workflows=[BuildWorkflow, ProjectWorkflow, PreviewWorkflow])
+    result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
     if result.replay_failure is not None:
         print(f"replay FAILED for {history.workflow_id}: {result.replay_failure}")
         return EXIT_FAILED

@@ -66,8 +66,9 @@ async def cmd_versions(settings: Settings, args: argparse.Namespace) -> int:
         else:
             origin = "new app"
         marker = "*" if v.get("build_version") and v["build_version"] == newest else " "
-        print(f"{marker} {v.get('build_version') or '-':<12} {v['build_id']}  {v['stage']:<10} {_clip(origin, 60):<60} "
-              f"{v.get('preview_url') or ''}")
+        preview = f"{v.get('preview_url') or ''} {v.get('preview_state') or ''}".strip()
+        print(f"{marker} {v.get('build_version') or '-':<12} {v['build_id']}  {v['stage']:<10} {_clip(origin, 50):<50} "
+              f"{preview}")
         if lineage.get("note"):
             print(f"      note: {lineage['note']}")
     if project["pending"]:
@@ -113,6 +114,15 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+async def cmd_preview(settings: Settings, args: argparse.Namespace) -> int:
+    async with api_client(settings) as http:
+        result = await api_call(http, "POST", f"/v1/builds/{args.build_id}/preview/{args.action}", json={})
+    print(f"{result['build_id']}: {result['state']}  {result.get('preview_url') or ''}")
+    if result.get("message"):
+        print(f"  {result['message']}" + (f" (debug_id {result['debug_id']})" if result.get("debug_id") else ""))
+    return 0 if result["state"] in ("live", "paused") else 1
+
+
 def add_parsers(sub: Any) -> None:
     c = sub.add_parser("change", help="build the next version of a project: a change, file edits, or a restore")
     c.add_argument("project")
@@ -130,6 +140,10 @@ def add_parsers(sub: Any) -> None:
     f = sub.add_parser("files", help="a build's files, or one file's content")
     f.add_argument("build_id")
     f.add_argument("path", nargs="?")
+    p = sub.add_parser("preview", help="wake or pause a version's preview by hand")
+    p.add_argument("action", choices=["wake", "pause"])
+    p.add_argument("build_id")
 
 
-COMMANDS = {"change": cmd_change, "versions": cmd_versions, "diff": cmd_diff, "files": cmd_files}
+COMMANDS = {"change": cmd_change, "versions": cmd_versions, "diff": cmd_diff, "files": cmd_files,
+            "preview": cmd_preview}

@@ -13,6 +13,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.build import BuildActivities
+from activities.preview import PreviewActivities, preview_policy
 from activities.runners import build_runner
 from activities.sandbox import SandboxClient, SandboxConfig, close_sdk_transports
 from activities.sweep import sweep_orphans
@@ -20,6 +21,7 @@ from genloop.settings import Settings
 from genloop.temporal import connect
 from persistence.repository import JobRepository
 from workflows.build import BuildWorkflow
+from workflows.preview import PreviewWorkflow
 from workflows.project import ProjectWorkflow
 
 log = logging.getLogger("genloop.worker")
@@ -35,7 +37,7 @@ def build_worker(
 ) -> Worker:
     options: dict[str, Any] = dict(
         task_queue=task_queue or settings.temporal.task_queue,
-        workflows=[BuildWorkflow, ProjectWorkflow],
+        workflows=[BuildWorkflow, ProjectWorkflow, PreviewWorkflow],
         activities=activities,
         max_concurrent_activities=settings.worker.max_concurrent_activities,
         max_concurrent_local_activities=settings.worker.max_concurrent_local_activities,
@@ -59,7 +61,15 @@ def production_activities(
         app_port=settings.sandbox.app_port,
         fix_attempts=settings.runner.fix_attempts,
         token_budget=settings.runner.max_tokens_per_build,
+        version_url=settings.version_url,
+        preview=preview_policy(settings),
     )
+
+
+def all_activities(activities: BuildActivities) -> list[Any]:
+    """Every activity a genloop worker runs: the builds' and the previews' (same repository and
+    sandbox client)."""
+    return activities.all() + PreviewActivities(activities.repo, activities.sandboxes).all()
 
 
 async def run_worker(settings: Settings, extra_runners: Mapping[str, Any] | None = None) -> None:
@@ -68,7 +78,7 @@ async def run_worker(settings: Settings, extra_runners: Mapping[str, Any] | None
     repo = JobRepository.from_url(settings.database_url)
     client = await connect(settings)
     activities = production_activities(settings, repo, extra_runners)
-    worker = build_worker(client, settings, activities.all())
+    worker = build_worker(client, settings, all_activities(activities))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -93,7 +93,7 @@ def api_env(**settings: str) -> dict[str, str]:
 
 @contextlib.asynccontextmanager
 async def running_api(tmp_dir: Path, *, token: str | None, **settings: str) -> AsyncIterator[ApiServer]:
-    port = free_port()
+    port = int(settings.pop("GENLOOP_API_PORT", 0)) or free_port()
     env = api_env(GENLOOP_API_HOST="127.0.0.1", GENLOOP_API_PORT=str(port), GENLOOP_DATA_DIR=str(tmp_dir), **settings)
     if token:
         env["GENLOOP_API_TOKEN"] = token

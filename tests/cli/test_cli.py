@@ -88,6 +88,7 @@ async def test_up_build_status_list_and_clean_stop(stack_env):
         built = _genloop(stack_env, "build", "a kanban board for otters", "--project", "cli-proj", "--wait")
         assert built.returncode == 0, built.stdout + built.stderr
         preview = re.search(r"Preview:\s+(\S+)", built.stdout).group(1)
+        assert preview == f"http://v1--cli-proj.localhost:{stack_env['GENLOOP_API_PORT']}", preview  # the version's URL
         assert re.search(r"Web UI:\s+http://127\.0\.0\.1:\d+/namespaces/default/workflows/", built.stdout)
         for label in ("Writing code...", "Installing dependencies...", "Checking the app..."):
             assert label in built.stdout
@@ -118,6 +119,16 @@ async def test_up_build_status_list_and_clean_stop(stack_env):
         host = f"http://127.0.0.1:{stack_env['GENLOOP_SANDBOX_HOST_PORT']}"
         # The key the host generated into the data dir, found the way the worker finds it.
         opts = dict(api_key=load_settings(environ=stack_env).sandbox_api_key, api_url=host, sandbox_url=host)
+        # v1's sandbox killed behind genloop's back: its URL serves it again from the stored files.
+        paginator = AsyncSandbox.list(**opts)
+        while paginator.has_next:
+            for info in await paginator.next_items():
+                if info.metadata.get("genloop_build_id") == build_id:
+                    await AsyncSandbox.kill(info.sandbox_id, **opts)
+        async with preview_client(timeout=60) as http:
+            assert "a kanban board for otters" in (await http.get(preview)).text
+        versions = _genloop(stack_env, "versions", "cli-proj")
+        assert versions.returncode == 0 and "build_v0_1" in versions.stdout and "live" in versions.stdout
         paginator = AsyncSandbox.list(**opts)
         while paginator.has_next:
             for info in await paginator.next_items():

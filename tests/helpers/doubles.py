@@ -146,7 +146,7 @@ class CreateLostResponseSandboxClient(SandboxClient):
         super().__init__(config)
         self.create_calls = 0
 
-    async def create(self, build_id: str, project_id: str):
+    async def create(self, build_id: str, project_id: str, *, serve: int = 0):
         self.create_calls += 1
         sandbox = await super().create(build_id, project_id)
         if self.create_calls == 1:

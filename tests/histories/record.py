@@ -39,14 +39,20 @@ from workflows.types import (
     CancelRequest,
     ChangeRequest,
     FileEdit,
+    PreviewPolicy,
+    PreviewStatus,
     ProjectInput,
+    WakeRequest,
+    WakeResult,
+    preview_workflow_id,
     project_workflow_id,
 )
 
 HERE = Path(__file__).parent
 
 
-SCENARIOS = ("build_ready", "build_failed", "build_cancelled", "build_fixed", "build_change", "project_changes")
+SCENARIOS = ("build_ready", "build_failed", "build_cancelled", "build_fixed", "build_change", "project_changes",
+             "preview_lifecycle")
 
 
 async def main(names: list[str]) -> None:
@@ -63,7 +69,9 @@ async def main(names: list[str]) -> None:
     try:
         async with FakeOpenAIServer(api_key=FAKE_KEY) as model, running_host(work / "host") as host:
             llm = LLMRunner.for_endpoint(provider="openai", base_url=model.base_url, api_key=FAKE_KEY, model="fake")
-            async with make_stack(env.client, host, repo, extra_runners={"llm": llm}, fix_attempts=1) as stack:
+            async with make_stack(env.client, host, repo, extra_runners={"llm": llm}, fix_attempts=1,
+                                  version_url=lambda label: f"http://{label}.localhost:1",
+                                  preview=PreviewPolicy(idle_pause_s=1)) as stack:
                 await _run_scenarios(stack, model, wanted)
                 for wf_id in wanted:
                     out = subprocess.run(
@@ -82,6 +90,8 @@ async def main(names: list[str]) -> None:
 
 
 def _workflow_id(name: str) -> str:
+    if name == "preview_lifecycle":
+        return preview_workflow_id("build_preview")
     return project_workflow_id("recorded") if name == "project_changes" else name
 
 
@@ -128,6 +138,14 @@ async def _run_scenarios(stack, model, wanted: list[str]) -> None:
                 break
             except RPCError:
                 await asyncio.sleep(0.2)
+
+
+    if "preview_lifecycle" in wanted:
+        await (await stack.start("served, paused and woken", build_id="build_preview")).result()
+        preview = stack.client.get_workflow_handle(preview_workflow_id("build_preview"))
+        while (await preview.query("status", result_type=PreviewStatus)).state != "paused":
+            await asyncio.sleep(0.2)
+        await preview.execute_update("wake", WakeRequest(), result_type=WakeResult)
 
 
 async def repo_job_ready(stack, build_id: str) -> None:

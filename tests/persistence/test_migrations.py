@@ -18,7 +18,7 @@ from persistence.repository import JobRepository
 from tests.helpers.databases import DatabaseFactory, inspect_schema, run_sync_on
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-HEAD = "0004"
+HEAD = "0005"
 SANDBOX_COLUMNS = {"sandbox_id", "preview_url", "build_version", "workspace_path"}
 ALL_TABLES = {"alembic_version", "jobs", "job_transitions", "build_counters", "blobs", "build_files", "build_attempts"}
 

@@ -10,6 +10,7 @@ import pytest
 from temporalio.client import Client, WorkflowHandle
 
 from activities.build import BuildActivities
+from activities.preview import PreviewActivities
 from activities.runners import TemplateRunner
 from activities.sandbox import SandboxClient, SandboxConfig
 from genloop.cli.worker import build_worker
@@ -50,7 +51,8 @@ def sandbox_config(host) -> SandboxConfig:
 
 @contextlib.asynccontextmanager
 async def make_stack(client, host, repo, *, sandbox_client_cls=SandboxClient, health_deadline_s: float = 20,
-                     extra_runners: dict[str, Any] | None = None, fix_attempts: int = 0, token_budget: int = 0):
+                     extra_runners: dict[str, Any] | None = None, fix_attempts: int = 0, token_budget: int = 0,
+                     **activity_options: Any):
     runners: dict[str, Any] = {
         "template": TemplateRunner(),
         "rate-limited": doubles.RateLimitedRunnerDouble(failures=2),
@@ -64,9 +66,10 @@ async def make_stack(client, host, repo, *, sandbox_client_cls=SandboxClient, he
     }
     sandboxes = sandbox_client_cls(sandbox_config(host))
     acts = BuildActivities(repo, sandboxes, runners, health_deadline_s=health_deadline_s, fix_attempts=fix_attempts,
-                           token_budget=token_budget)
+                           token_budget=token_budget, **activity_options)
     task_queue = f"tq-{uuid.uuid4().hex}"
-    worker = build_worker(client, load_settings(), acts.all(), task_queue=task_queue)
+    worker = build_worker(client, load_settings(), acts.all() + PreviewActivities(repo, sandboxes).all(),
+                          task_queue=task_queue)
     async with worker:
         yield BuildStack(client=client, repo=repo, sandboxes=sandboxes, task_queue=task_queue, runners=runners)
 

@@ -11,6 +11,7 @@ from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 
 from workflows.build import BuildWorkflow
+from workflows.preview import PreviewWorkflow
 from workflows.project import ProjectWorkflow
 
 HISTORIES = sorted((Path(__file__).parent.parent / "histories").glob("*.json"))
@@ -18,10 +19,11 @@ HISTORIES = sorted((Path(__file__).parent.parent / "histories").glob("*.json"))
 
 def test_recorded_histories_exist():
     names = {p.stem for p in HISTORIES}
-    assert {"build_ready", "build_failed", "build_cancelled", "build_fixed", "build_change", "project_changes"} <= names
+    assert {"build_ready", "build_failed", "build_cancelled", "build_fixed", "build_change", "project_changes",
+            "preview_lifecycle"} <= names
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
 async def test_recorded_history_replays(path):
     history = WorkflowHistory.from_json(path.stem, path.read_text())
-    await Replayer(workflows=[BuildWorkflow, ProjectWorkflow]).replay_workflow(history)
+    await Replayer(workflows=[BuildWorkflow, ProjectWorkflow, PreviewWorkflow]).replay_workflow(history)
