@@ -15,11 +15,11 @@ from temporalio.exceptions import ActivityError, ApplicationError
 from temporalio.workflow import ActivityCancellationType, ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
+    # The DTO modules by name: the sandbox resolves a dataclass's annotations in the module defining it.
     from genloop.errors import FRIENDLY_DEFAULT, PERMANENT_ERROR_TYPES, ErrorKind
     from workflows.stages import Stage, is_allowed
-    from workflows.types import (
+    from workflows.types.build import (
         CANCEL_SIGNAL,
-        PREVIEW_WORKFLOW_NAME,
         STATUS_QUERY,
         WORKFLOW_NAME,
         AttemptInput,
@@ -37,7 +37,6 @@ with workflow.unsafe.imports_passed_through():
         KillSandboxInput,
         PrepareChangeInput,
         PreparedChange,
-        PreviewInput,
         SandboxInfo,
         SandboxInput,
         ScaffoldState,
@@ -45,6 +44,10 @@ with workflow.unsafe.imports_passed_through():
         SyncFilesResult,
         Transition,
         TransitionInput,
+    )
+    from workflows.types.preview import (
+        PREVIEW_WORKFLOW_NAME,
+        PreviewInput,
         preview_workflow_id,
     )
 

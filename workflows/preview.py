@@ -22,22 +22,25 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    # The DTO modules by name: the sandbox resolves a dataclass's annotations in the module defining it.
     from genloop.errors import FRIENDLY_DEFAULT, ErrorKind
     from workflows.build import ACTIVITY_OPTIONS, DB_WRITE, WORKSPACE_PATH
-    from workflows.types import (
+    from workflows.types.build import (
+        ChecksResult,
+        CodeResult,
+        SandboxInfo,
+        SandboxInput,
+    )
+    from workflows.types.preview import (
         PAUSE_UPDATE,
         PREVIEW_STATUS_QUERY,
         PREVIEW_WORKFLOW_NAME,
         TOUCH_SIGNAL,
         WAKE_UPDATE,
-        ChecksResult,
-        CodeResult,
         PreviewChange,
         PreviewInput,
         PreviewState,
         PreviewStatus,
-        SandboxInfo,
-        SandboxInput,
         StayAwakeInput,
         WakeRequest,
         WakeResult,

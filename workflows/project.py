@@ -21,22 +21,25 @@ from temporalio.exceptions import ApplicationError, ChildWorkflowError, Workflow
 from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
+    # The DTO modules by name: the sandbox resolves a dataclass's annotations in the module defining it.
     from workflows.build import BuildWorkflow
     from workflows.stages import Stage
-    from workflows.types import (
+    from workflows.types.build import (
+        BuildRequest,
+        BuildResult,
+        TransitionInput,
+    )
+    from workflows.types.project import (
         CANCEL_PENDING_UPDATE,
         PROJECT_STATUS_QUERY,
         PROJECT_WORKFLOW_NAME,
         SUBMIT_UPDATE,
-        BuildRequest,
-        BuildResult,
         CancelPendingRequest,
         ChangeRequest,
         PreviousChange,
         ProjectInput,
         ProjectStatus,
         SubmitResult,
-        TransitionInput,
     )
 
 MAX_PENDING = 100  # changes waiting per project; more is a client bug or abuse, refused up front

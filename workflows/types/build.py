@@ -1,22 +1,16 @@
-"""Workflow and activity inputs/outputs: one dataclass each, so fields can be added later (with
-defaults) without breaking recorded histories. Times travel as ISO-8601 strings."""
+"""BuildWorkflow's input and result and its activities' inputs and outputs: one dataclass each, so
+fields can be added later (with defaults) without breaking recorded histories. Times travel as
+ISO-8601 strings."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from workflows.types.preview import PreviewPolicy
+
 WORKFLOW_NAME = "BuildWorkflow"
 STATUS_QUERY = "status"
 CANCEL_SIGNAL = "cancel"
-
-PROJECT_WORKFLOW_NAME = "ProjectWorkflow"
-SUBMIT_UPDATE = "submit"
-CANCEL_PENDING_UPDATE = "cancel_pending"
-PROJECT_STATUS_QUERY = "status"
-
-
-def project_workflow_id(project_id: str) -> str:
-    return f"project-{project_id}"
 
 
 @dataclass
@@ -40,53 +34,6 @@ class BuildRequest:
     edits: list[FileEdit] = field(default_factory=list)
     stack: str = "python"
     note: str = ""  # why this base (the project workflow explains a fallback)
-
-
-@dataclass
-class ChangeRequest:
-    """ProjectWorkflow's `submit` update: one change to build on the project's line."""
-
-    build_id: str
-    runner: str = "template"
-    change: str = ""
-    edits: list[FileEdit] = field(default_factory=list)
-    base_build_id: str | None = None  # explicit base; None: the result of the change before it
-    stack: str = "python"
-    summary: str = ""  # the Web UI's one-liner for the child build
-
-
-@dataclass
-class SubmitResult:
-    build_id: str
-    position: int  # 0: building now; n: the n-th change waiting
-
-
-@dataclass
-class CancelPendingRequest:
-    build_id: str
-    reason: str = "cancelled by user"
-
-
-@dataclass
-class PreviousChange:
-    build_id: str
-    status: str
-
-
-@dataclass
-class ProjectInput:
-    project_id: str
-    task_queue: str = ""  # where child builds run; empty: the project workflow's own queue
-    pending: list[ChangeRequest] = field(default_factory=list)
-    seen: list[str] = field(default_factory=list)  # build ids already accepted (dedup across continue-as-new)
-    previous: PreviousChange | None = None
-
-
-@dataclass
-class ProjectStatus:
-    project_id: str
-    running: str | None
-    pending: list[str]
 
 
 @dataclass
@@ -131,9 +78,6 @@ class BuildStatus:
 @dataclass
 class CancelRequest:
     reason: str = "cancelled by user"
-
-
-# --- activity inputs / outputs ---
 
 
 @dataclass
@@ -289,16 +233,6 @@ class FinishInput:
 
 
 @dataclass
-class PreviewPolicy:
-    """How long a version stays awake and served (settings.preview, decided by the worker)."""
-
-    idle_pause_s: float = 300
-    keep_awake: int = 0
-    retention_s: float = 0  # 0: served forever
-    retry_failed_s: float = 600
-
-
-@dataclass
 class FinishResult:
     build_version: str
     version_url: str = ""  # the version's stable URL; empty where no gateway serves versions
@@ -309,80 +243,3 @@ class FinishResult:
 class KillSandboxInput:
     build_id: str
     sandbox_id: str | None = None
-
-
-# --- previews: one long-lived workflow per served version ---
-
-PREVIEW_WORKFLOW_NAME = "PreviewWorkflow"
-TOUCH_SIGNAL = "touch"
-WAKE_UPDATE = "wake"
-PAUSE_UPDATE = "pause"
-PREVIEW_STATUS_QUERY = "status"
-
-
-def preview_workflow_id(build_id: str) -> str:
-    return f"preview-{build_id}"
-
-
-class PreviewState:
-    LIVE = "live"
-    PAUSED = "paused"
-    WAKING = "waking"
-    REMOVED = "removed"
-    FAILED = "failed"  # could not be served again; answers 503 until retry_failed_s passes
-
-
-@dataclass
-class PreviewInput:
-    build_id: str
-    project_id: str
-    policy: PreviewPolicy
-    sandbox_id: str | None = None  # None: nothing serves it (the next wake serves it again)
-    sandbox_preview_url: str | None = None
-    state: str = PreviewState.LIVE
-    ready_at: str = ""  # ISO-8601: when the version became READY (retention counts from here)
-    serve: int = 0
-    failed_at: str = ""
-    failure: str = ""
-    debug_id: str = ""
-
-
-@dataclass
-class WakeRequest:
-    reason: str = "a request arrived"
-    unreachable: str | None = None  # the sandbox the gateway could not reach: a live version needs waking too
-
-
-@dataclass
-class WakeResult:
-    state: str
-    sandbox_preview_url: str | None = None
-    message: str = ""  # the friendly reason when it cannot be served
-    debug_id: str = ""
-
-
-@dataclass
-class PreviewStatus:
-    build_id: str
-    state: str
-    sandbox_id: str | None
-    sandbox_preview_url: str | None
-    serve: int
-    last_activity: str
-
-
-@dataclass
-class StayAwakeInput:
-    build_id: str
-    newest: int  # the policy's keep_awake
-
-
-@dataclass
-class PreviewChange:
-    """What record_preview writes: the version's state and the sandbox serving it."""
-
-    build_id: str
-    state: str
-    sandbox_id: str | None = None
-    sandbox_preview_url: str | None = None
-    woken_at: str = ""
