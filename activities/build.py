@@ -144,6 +144,8 @@ class BuildActivities:
         token_budget: int = 0,
         version_url: Callable[[str], str] | None = None,
         preview: PreviewPolicy | None = None,
+        host_queue: str = "",
+        host_id: str = "",
     ) -> None:
         self.repo = repo
         self.sandboxes = sandboxes
@@ -156,6 +158,10 @@ class BuildActivities:
         # serves versions here, so a build's preview is its sandbox's own URL.
         self.version_url = version_url
         self.preview = preview
+        # The local sandbox host this worker creates sandboxes on, and the task queue only its workers
+        # poll: every later activity on a sandbox is routed there. Empty for E2B (any worker reaches it).
+        self.host_queue = host_queue
+        self.host_id = host_id
 
     def all(self) -> list[Callable[..., Any]]:
         return [
@@ -404,14 +410,17 @@ class BuildActivities:
     async def provision_sandbox(self, inp: SandboxInput) -> SandboxInfo:
         sandbox = await self.sandboxes.create(inp.build_id, inp.project_id, serve=inp.serve)
         # Record the id before anything else can fail, so failure handling can always kill it.
-        await self.repo.set_sandbox(inp.build_id, sandbox.sandbox_id, inp.workspace_path)
+        await self.repo.set_sandbox(inp.build_id, sandbox.sandbox_id, inp.workspace_path, host=self.host_id or None)
         await sandbox.set_timeout(self.sandboxes.config.timeout_s)
         blobs = await self.repo.get_blobs([f.digest for f in inp.files])
         entries = [{"path": f"{inp.workspace_path}/{f.path}", "data": blobs[f.digest]} for f in inp.files]
         if entries:
             await _heartbeating(sandbox.files.write_files(entries), "writing files")
         activity.logger.info("sandbox %s ready for build %s (%d files)", sandbox.sandbox_id, inp.build_id, len(entries))
-        return SandboxInfo(sandbox_id=sandbox.sandbox_id, workspace_path=inp.workspace_path)
+        return SandboxInfo(
+            sandbox_id=sandbox.sandbox_id, workspace_path=inp.workspace_path, task_queue=self.host_queue,
+            host=self.host_id,
+        )
 
     @activity.defn(name="sync_sandbox_files")
     @failures_as_application_errors

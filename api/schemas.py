@@ -260,6 +260,7 @@ class AttemptOut(_Out):
 
 class BuildDetail(BuildSummary):
     sandbox_id: str | None
+    sandbox_host: str | None = Field(description="The local sandbox host that has the sandbox (null on E2B).")
     history: list[TransitionOut]
     attempts: list[AttemptOut]
 

@@ -131,11 +131,12 @@ class JobRepository:
             await self._record_transition(session, job, stage, message, at)
             return job
 
-    async def set_sandbox(self, build_id: str, sandbox_id: str, workspace_path: str) -> Job:
+    async def set_sandbox(self, build_id: str, sandbox_id: str, workspace_path: str, *, host: str | None = None) -> Job:
         async with self._write() as session:
             job = await self._locked_job(session, build_id)
             job.sandbox_id = sandbox_id
             job.workspace_path = workspace_path
+            job.sandbox_host = host
             job.updated_at = utcnow()
             return job
 

@@ -11,7 +11,8 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, TimeoutType
+from temporalio.exceptions import TimeoutError as ActivityTimeout
 from temporalio.workflow import ActivityCancellationType, ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
@@ -58,7 +59,13 @@ SEARCH_ATTRIBUTES = (BUILD_STAGE, PROJECT_ID, BUILD_VERSION)
 
 WORKSPACE_PATH = "/home/user/project"
 FIX_LOOP_PATCH = "fix-loop"
-PREVIEW_PATCH = "preview-lifecycle"  # READY versions get a PreviewWorkflow  # builds that repair their own failing code (histories before it replay without)
+PREVIEW_PATCH = "preview-lifecycle"  # READY versions get a PreviewWorkflow
+HOST_FAILOVER_PATCH = "host-failover"  # a build whose sandbox host is lost moves to another host
+# Activities that touch a sandbox run on its host's queue; nobody polling it for this long means the
+# host (and its worker) is gone.
+HOST_SCHEDULE_TO_START = timedelta(seconds=5)
+HOST_ROUTED = frozenset({"install_dependencies", "start_and_check", "sync_sandbox_files", "kill_build_sandboxes",
+                         "pause_sandbox", "resume_sandbox", "stop_serving"})  # builds that repair their own failing code (histories before it replay without)
 # What the fix loop repairs: the app's own failures. Infrastructure errors retry instead.
 FIXABLE_KINDS = frozenset({ErrorKind.APP_CHECK_FAILED.value, ErrorKind.DEPENDENCY_INSTALL_FAILED.value})
 
@@ -80,11 +87,13 @@ DB_WRITE = dict(
     retry_policy=_retry(max_attempts=0, max_interval_s=5),
 )
 _LONG = dict(cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED)
+# Activities on a sandbox host heartbeat every 2 s: 10 s of silence means their worker is gone.
+_HOST_HEARTBEAT = timedelta(seconds=10)
 ACTIVITY_OPTIONS: dict[str, dict] = {
     "create_initial_state": dict(start_to_close_timeout=timedelta(seconds=30), retry_policy=_retry(5)),
     "prepare_change": dict(start_to_close_timeout=timedelta(minutes=2), retry_policy=_retry(5)),
     "sync_sandbox_files": dict(
-        start_to_close_timeout=timedelta(minutes=3), heartbeat_timeout=timedelta(seconds=20), retry_policy=_retry(6), **_LONG
+        start_to_close_timeout=timedelta(minutes=3), heartbeat_timeout=_HOST_HEARTBEAT, retry_policy=_retry(6), **_LONG
     ),
     "generate_code": dict(
         start_to_close_timeout=timedelta(minutes=10), heartbeat_timeout=timedelta(seconds=20), retry_policy=_retry(6), **_LONG
@@ -93,13 +102,32 @@ ACTIVITY_OPTIONS: dict[str, dict] = {
         start_to_close_timeout=timedelta(minutes=3), heartbeat_timeout=timedelta(seconds=20), retry_policy=_retry(6), **_LONG
     ),
     "install_dependencies": dict(
-        start_to_close_timeout=timedelta(minutes=20), heartbeat_timeout=timedelta(seconds=30), retry_policy=_retry(4), **_LONG
+        start_to_close_timeout=timedelta(minutes=20), heartbeat_timeout=_HOST_HEARTBEAT, retry_policy=_retry(4), **_LONG
     ),
     "start_and_check": dict(
-        start_to_close_timeout=timedelta(minutes=3), heartbeat_timeout=timedelta(seconds=20), retry_policy=_retry(4), **_LONG
+        start_to_close_timeout=timedelta(minutes=3), heartbeat_timeout=_HOST_HEARTBEAT, retry_policy=_retry(4), **_LONG
     ),
     "kill_build_sandboxes": dict(start_to_close_timeout=timedelta(seconds=60), retry_policy=_retry(6, max_interval_s=10)),
+    # The preview workflow's (workflows/preview.py)
+    "version_files": dict(start_to_close_timeout=timedelta(minutes=1), retry_policy=_retry(6)),
+    "pause_sandbox": dict(start_to_close_timeout=timedelta(minutes=2), retry_policy=_retry(6)),
+    "resume_sandbox": dict(start_to_close_timeout=timedelta(minutes=2), retry_policy=_retry(6)),
+    "stop_serving": dict(start_to_close_timeout=timedelta(minutes=2), retry_policy=_retry(6)),
+    "stay_awake": dict(start_to_close_timeout=timedelta(seconds=30), retry_policy=_retry(6)),
 }
+
+
+def activity_options(name: str, host_queue: str = "") -> dict:
+    """The options of one activity; an activity that touches a sandbox goes to its host's queue."""
+    options = dict(ACTIVITY_OPTIONS[name])
+    if host_queue and name in HOST_ROUTED:
+        options.update(task_queue=host_queue, schedule_to_start_timeout=HOST_SCHEDULE_TO_START)
+    return options
+
+
+def host_lost(err: ActivityError) -> bool:
+    """Nobody polled the sandbox host's queue in time: its host and worker are gone."""
+    return isinstance(err.cause, ActivityTimeout) and err.cause.type == TimeoutType.SCHEDULE_TO_START
 
 
 class _Cancelled(Exception):
@@ -118,6 +146,7 @@ class BuildWorkflow:
         self._cancel_reason: str | None = None
         self._pipeline: asyncio.Task | None = None
         self._goal = req.goal
+        self._host_queue = ""  # the sandbox host's queue, once the build has a sandbox on a local host
         self._fix_stopped = ""  # why the fix loop gave up, for the failure detail
 
     # --- interface ---
@@ -219,7 +248,7 @@ class BuildWorkflow:
                 PreviewInput(
                     build_id=req.build_id, project_id=req.project_id, policy=finished.preview,
                     sandbox_id=info.sandbox_id, sandbox_preview_url=checks.preview_url,
-                    ready_at=workflow.now().isoformat(),
+                    ready_at=workflow.now().isoformat(), task_queue=self._host_queue,
                 ),
                 id=preview_workflow_id(req.build_id),
                 parent_close_policy=ParentClosePolicy.ABANDON,
@@ -277,6 +306,7 @@ class BuildWorkflow:
                     info = await self._activity("provision_sandbox", sandbox_input, SandboxInfo)
                     self._status.sandbox_id = info.sandbox_id
                     self._status.workspace_path = info.workspace_path
+                    self._host_queue = info.task_queue
                     sandbox_input.sandbox_id = info.sandbox_id
                 elif synced_from is not None:
                     synced: SyncFilesResult = await self._activity(
@@ -297,6 +327,14 @@ class BuildWorkflow:
                 self._status.preview_url = checks.preview_url
                 return info, checks
             except ActivityError as err:
+                if host_lost(err) and workflow.patched(HOST_FAILOVER_PATCH):
+                    # Its host and worker are gone: a new sandbox elsewhere, from the stored files.
+                    workflow.logger.warning("build %s: sandbox host %s lost; moving to another host",
+                                            req.build_id, info.host if info else "?")
+                    info, installed, synced_from, self._host_queue = None, False, None, ""
+                    sandbox_input.sandbox_id, sandbox_input.serve = None, sandbox_input.serve + 1
+                    self._status.message = "The sandbox host was lost: moving to another one"
+                    continue
                 failure = self._fixable(err, state)
                 if failure is None or not workflow.patched(FIX_LOOP_PATCH):
                     raise
@@ -355,7 +393,7 @@ class BuildWorkflow:
 
     async def _activity(self, name: str, arg: object, result_type: type):
         return await workflow.execute_activity(
-            name, arg, result_type=result_type, summary=self._stage.label, **ACTIVITY_OPTIONS[name]
+            name, arg, result_type=result_type, summary=self._stage.label, **activity_options(name, self._host_queue)
         )
 
     def _check_not_cancelled(self) -> None:

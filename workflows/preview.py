@@ -24,7 +24,7 @@ from temporalio.exceptions import ActivityError, ApplicationError
 with workflow.unsafe.imports_passed_through():
     # The DTO modules by name: the sandbox resolves a dataclass's annotations in the module defining it.
     from genloop.errors import FRIENDLY_DEFAULT, ErrorKind
-    from workflows.build import ACTIVITY_OPTIONS, DB_WRITE, WORKSPACE_PATH
+    from workflows.build import DB_WRITE, WORKSPACE_PATH, activity_options, host_lost
     from workflows.types.build import (
         ChecksResult,
         CodeResult,
@@ -46,7 +46,6 @@ with workflow.unsafe.imports_passed_through():
         WakeResult,
     )
 
-_SHORT = dict(start_to_close_timeout=timedelta(minutes=2), retry_policy=ACTIVITY_OPTIONS["create_initial_state"]["retry_policy"])
 
 
 @workflow.defn(name=PREVIEW_WORKFLOW_NAME)
@@ -61,6 +60,7 @@ class PreviewWorkflow:
         self._failed_at = inp.failed_at
         self._failure = inp.failure
         self._debug_id = inp.debug_id
+        self._host_queue = inp.task_queue
         self._last_activity = workflow.now()
         self._wake_wanted = False
         self._pause_wanted = False
@@ -125,9 +125,8 @@ class PreviewWorkflow:
             if woke:
                 continue
             if self._state == PreviewState.LIVE and self._idle(policy.idle_pause_s):
-                if policy.keep_awake and await workflow.execute_activity(
-                    "stay_awake", StayAwakeInput(build_id=inp.build_id, newest=policy.keep_awake),
-                    result_type=bool, summary="Kept awake?", **_SHORT,
+                if policy.keep_awake and await self._run(
+                    "stay_awake", StayAwakeInput(build_id=inp.build_id, newest=policy.keep_awake), bool, "Kept awake?"
                 ):
                     self._last_activity = workflow.now()
                     continue
@@ -183,22 +182,30 @@ class PreviewWorkflow:
 
     async def _pause(self) -> None:
         if self._sandbox_id is not None:
-            paused = await workflow.execute_activity(
-                "pause_sandbox", self._sandbox_id, result_type=bool, summary="Pause the idle version", **_SHORT
-            )
+            try:
+                paused = await self._run("pause_sandbox", self._sandbox_id, bool, "Pause the idle version")
+            except ActivityError as err:
+                if not host_lost(err):
+                    raise
+                paused = False  # its host is gone: the next wake serves it again elsewhere
             if not paused:  # stopped instead (or already gone): the next wake serves it again
-                self._sandbox_id = None
+                self._sandbox_id, self._host_queue = None, ""
         await self._record(PreviewState.PAUSED)
 
     async def _wake(self) -> None:
         await self._record(PreviewState.WAKING)
         try:
-            resumed = self._sandbox_id is not None and await workflow.execute_activity(
-                "resume_sandbox", self._sandbox_id, result_type=bool, summary="Resume the version", **_SHORT
-            )
+            try:
+                resumed = self._sandbox_id is not None and await self._run(
+                    "resume_sandbox", self._sandbox_id, bool, "Resume the version"
+                )
+            except ActivityError as err:
+                if not host_lost(err):
+                    raise
+                resumed = False  # its host is gone: serve it again on another
             if not resumed:
                 await self._serve_again()
-            checks: ChecksResult = await self._activity("start_and_check", self._sandbox_input(), ChecksResult)
+            checks: ChecksResult = await self._run("start_and_check", self._sandbox_input(), ChecksResult)
             self._url = checks.preview_url
             self._failed_at = self._failure = self._debug_id = ""
             await self._record(PreviewState.LIVE, woken=True)
@@ -212,14 +219,12 @@ class PreviewWorkflow:
     async def _serve_again(self) -> None:
         """A new sandbox with the version's stored files: provision (upload), install, as in a build."""
         if self._files is None:
-            self._files = await workflow.execute_activity(
-                "version_files", self._inp.build_id, result_type=CodeResult, summary="The version's files", **_SHORT
-            )
+            self._files = await self._run("version_files", self._inp.build_id, CodeResult, "The version's files")
         self._serve += 1
-        self._sandbox_id = None
-        info: SandboxInfo = await self._activity("provision_sandbox", self._sandbox_input(), SandboxInfo)
-        self._sandbox_id = info.sandbox_id
-        await self._activity("install_dependencies", self._sandbox_input(), str)
+        self._sandbox_id, self._host_queue = None, ""
+        info: SandboxInfo = await self._run("provision_sandbox", self._sandbox_input(), SandboxInfo)
+        self._sandbox_id, self._host_queue = info.sandbox_id, info.task_queue
+        await self._run("install_dependencies", self._sandbox_input(), str)
 
     def _sandbox_input(self) -> SandboxInput:
         return SandboxInput(
@@ -227,9 +232,10 @@ class PreviewWorkflow:
             files=self._files.files if self._files is not None else [], sandbox_id=self._sandbox_id, serve=self._serve,
         )
 
-    async def _activity(self, name: str, arg: object, result_type: type):
+    async def _run(self, name: str, arg: object, result_type: type, summary: str = ""):
         return await workflow.execute_activity(
-            name, arg, result_type=result_type, summary=f"Serve the version: {name}", **ACTIVITY_OPTIONS[name]
+            name, arg, result_type=result_type, summary=summary or f"Serve the version: {name}",
+            **activity_options(name, self._host_queue),
         )
 
     def _note_failure(self, err: ActivityError) -> None:
@@ -247,9 +253,11 @@ class PreviewWorkflow:
         )
 
     async def _remove(self) -> None:
-        await workflow.execute_activity(
-            "stop_serving", self._inp.build_id, result_type=int, summary="Retention: stop serving", **_SHORT
-        )
+        try:
+            await self._run("stop_serving", self._inp.build_id, int, "Retention: stop serving")
+        except ActivityError as err:
+            if not host_lost(err):
+                raise  # (a lost host's sandboxes are reaped when it comes back: their builds are over)
         self._sandbox_id = None
         self._url = None
         await self._record(PreviewState.REMOVED)
@@ -259,7 +267,7 @@ class PreviewWorkflow:
             build_id=self._inp.build_id, project_id=self._inp.project_id, policy=self._inp.policy,
             sandbox_id=self._sandbox_id, sandbox_preview_url=self._url, state=self._state,
             ready_at=self._inp.ready_at, serve=self._serve, failed_at=self._failed_at, failure=self._failure,
-            debug_id=self._debug_id,
+            debug_id=self._debug_id, task_queue=self._host_queue,
         )
 
 

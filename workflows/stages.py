@@ -28,8 +28,9 @@ class Stage(str, Enum):
 
 TERMINAL = frozenset({Stage.READY, Stage.FAILED, Stage.CANCELLED})
 
-# The forward path, and two backward edges: a fix attempt goes back to CODE when the app's
-# dependencies do not install (`deps -> code`) or the app does not start (`checks -> code`).
+# The forward path, and three backward edges: a fix attempt goes back to CODE when the app's
+# dependencies do not install (`deps -> code`) or the app does not start (`checks -> code`); a build
+# whose sandbox host was lost goes back to DEPS on another host (`checks -> deps`).
 PIPELINE = (Stage.STARTING, Stage.SCAFFOLD, Stage.CODE, Stage.DEPS, Stage.CHECKS, Stage.READY)
 
 _ENDINGS = {Stage.FAILED, Stage.CANCELLED}
@@ -39,7 +40,7 @@ TRANSITIONS: dict[Stage, frozenset[Stage]] = {
     Stage.SCAFFOLD: frozenset({Stage.CODE, *_ENDINGS}),
     Stage.CODE: frozenset({Stage.DEPS, *_ENDINGS}),
     Stage.DEPS: frozenset({Stage.CHECKS, Stage.CODE, *_ENDINGS}),
-    Stage.CHECKS: frozenset({Stage.READY, Stage.CODE, *_ENDINGS}),
+    Stage.CHECKS: frozenset({Stage.READY, Stage.CODE, Stage.DEPS, *_ENDINGS}),
     Stage.READY: frozenset(),
     Stage.FAILED: frozenset(),
     Stage.CANCELLED: frozenset(),

@@ -271,7 +271,8 @@ async def get_build(request: Request) -> Response:
                    output=a.output, at=a.at)
         for a in await svc.repo.list_attempts(job.id)
     ]
-    detail = BuildDetail(**summary_fields(svc, job), sandbox_id=job.sandbox_id, history=history, attempts=attempts)
+    detail = BuildDetail(**summary_fields(svc, job), sandbox_id=job.sandbox_id, sandbox_host=job.sandbox_host,
+                         history=history, attempts=attempts)
     return json_response(detail)
 
 

@@ -214,6 +214,8 @@ class SandboxInput:
 class SandboxInfo:
     sandbox_id: str
     workspace_path: str
+    task_queue: str = ""  # the queue of the sandbox's host (its workers); empty: any worker reaches it (E2B)
+    host: str = ""  # the sandbox host's id (local hosts)
 
 
 @dataclass

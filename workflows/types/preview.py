@@ -47,6 +47,7 @@ class PreviewInput:
     failed_at: str = ""
     failure: str = ""
     debug_id: str = ""
+    task_queue: str = ""  # the sandbox host's queue (local hosts); empty: any worker reaches the sandbox
 
 
 @dataclass
