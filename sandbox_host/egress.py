@@ -120,6 +120,8 @@ def proxy_env() -> dict[str, str]:
     url = f"http://127.0.0.1:{PROXY_PORT_INSIDE}"
     env = {"HTTP_PROXY": url, "HTTPS_PROXY": url, "NO_PROXY": "localhost,127.0.0.1,::1"}
     env.update({k.lower(): v for k, v in env.items()})
+    # Node's own fetch() and http(s) ignore the variables unless told (npm reads them itself).
+    env["NODE_USE_ENV_PROXY"] = "1"
     return env
 
 
