@@ -20,6 +20,7 @@ sandbox's /etc/profile is the machine's plus one line that puts the toolchain ba
 `pip install x` outside a venv defaults to a user install because /usr is not writable;
 PIP_BREAK_SYSTEM_PACKAGES lets it do so under an externally-managed (PEP 668) system python, whose
 files the sandbox cannot change anyway. `npm install -g` installs into ~/.local (NPM_CONFIG_PREFIX).
+node trusts the machine's CA store (NODE_USE_SYSTEM_CA), like everything else in the sandbox.
 
 Unisolated sandboxes (--unsafe-no-isolation) see the host's filesystem: the same links live in a
 host directory (`write_host_bin`) and their ~/.profile restores PATH.
@@ -81,6 +82,9 @@ def sandbox_env() -> dict[str, str]:
         "PATH": sandbox_path(),
         "PIP_BREAK_SYSTEM_PACKAGES": "1",
         "NPM_CONFIG_PREFIX": f"{SANDBOX_HOME}/.local",
+        # node (and so npm) trusts the machine's CA store, as pip, curl and git in the sandbox do:
+        # its bundled list alone fails behind a TLS-inspecting proxy whose CA the machine trusts.
+        "NODE_USE_SYSTEM_CA": "1",
     }
 
 
