@@ -147,6 +147,7 @@ async def test_foreground_commands(sdk):
         assert [p for p in await sb.commands.list() if "sleep 30" in " ".join(p.args)] == []
 
 
+@pytest.mark.registry  # pip fetches the package's build backend from PyPI
 async def test_toolchains_python_venv_pip_and_node(sdk):
     async with sandbox(sdk) as sb:
         await sb.files.write_files(
@@ -328,8 +329,11 @@ async def test_restart_adopts_sandboxes_and_leaves_no_orphans(tmp_path):
 
 # ------------------------------------------------------------------------------------ no bubblewrap
 async def test_refuses_to_start_when_bubblewrap_fails_unless_unsafe(tmp_path):
-    tools = tmp_path / "bin"
+    state = Path(tempfile.mkdtemp(prefix="sandbox-host-nobwrap-"))
+    state.chmod(0o711)  # as root the probe runs bwrap as an unprivileged uid: it must reach it
+    tools = state / "bin"
     tools.mkdir()
+    tools.chmod(0o755)
     for tool in ("prlimit", "kill"):
         (tools / tool).symlink_to(shutil.which(tool))
     # A recent system bwrap on PATH wins over the wheel's: one that cannot create sandboxes (user
@@ -339,8 +343,6 @@ async def test_refuses_to_start_when_bubblewrap_fails_unless_unsafe(tmp_path):
         "echo 'bwrap: setting up uid map: Permission denied' >&2\nexit 1\n"
     )
     (tools / "bwrap").chmod(0o755)
-    state = Path(tempfile.mkdtemp(prefix="sandbox-host-nobwrap-"))
-    state.chmod(0o711)
     try:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "sandbox_host", "--port", "1", "--state-dir", str(state / "s"),
