@@ -416,3 +416,32 @@ async def test_a_system_bwrap_too_old_for_disable_userns_yields_to_the_wheels(tm
     (other / "bwrap").chmod(0o755)
     monkeypatch.setenv("PATH", str(other))
     assert bwrap_binary() == str(other / "bwrap")
+
+
+# ------------------------------------------------------------------------------------ start-up failures
+async def _start_failing_host(*args: str, env: dict[str, str] | None = None) -> tuple[int, list[str]]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sandbox_host", "--api-key", "k", *args,
+        env={**os.environ, **(env or {})},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert b"Traceback" not in stderr, stderr.decode()
+    return proc.returncode, stderr.decode().strip().splitlines()
+
+
+async def test_start_up_failures_are_one_line_naming_the_fix(host, tmp_path):
+    # The port is taken (by the session's host).
+    state = Path(tempfile.mkdtemp(prefix="sandbox-host-port-"))
+    state.chmod(0o711)  # a per-uid host's sandboxes must reach it
+    try:
+        code, lines = await _start_failing_host("--port", str(host.port), "--state-dir", str(state / "s"))
+    finally:
+        shutil.rmtree(state)
+    assert code == 2 and f"refusing to start: port {host.port} on 127.0.0.1 is in use" in lines[-1], lines
+    assert "--port" in lines[-1]
+    # The state directory cannot be made.
+    (tmp_path / "a-file").write_text("")
+    code, lines = await _start_failing_host("--port", "1", "--state-dir", str(tmp_path / "a-file" / "state"))
+    assert code == 2 and "refusing to start: cannot use the state directory" in lines[-1], lines
