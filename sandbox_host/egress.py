@@ -91,7 +91,10 @@ def may_dial(
         return False
     if any(ip in net for net in allowed if net.version == ip.version):
         return True
-    if not ip.is_global or ip.is_reserved or ip.is_link_local:
+    # 6to4 (2002::/16) is judged by its embedded IPv4 (above) alone: older Pythons' registries (3.11.2,
+    # Debian 12's) file the whole prefix as private, newer ones as global.
+    sixtofour = isinstance(ip, ipaddress.IPv6Address) and ip.sixtofour is not None
+    if not (ip.is_global or sixtofour) or ip.is_reserved or ip.is_link_local:
         return False
     if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
         return False
