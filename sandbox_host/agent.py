@@ -28,6 +28,7 @@ import hmac
 import json
 import os
 import pwd
+import resource
 import signal
 import socket
 import stat
@@ -192,6 +193,7 @@ class Agent:
         self.deadline: float | None = args.deadline
         self.forward_host = args.forward_host
         self.procs: dict[int, Proc] = {}
+        self.sessions: set[int] = set()  # every command is a session leader: its pid is the session id
         self.stopping = asyncio.Event()
         self._deadline_handle: asyncio.TimerHandle | None = None
 
@@ -207,6 +209,9 @@ class Agent:
     def stop(self) -> None:
         for p in self.procs.values():
             p.kill()
+        # What commands left behind in their sessions (`server &`, double-forked daemons): in an
+        # unisolated sandbox without a uid of its own nothing else would end them.
+        kill_sessions(self.sessions)
         self.stopping.set()
 
     # ---------------- connection handling ----------------
@@ -287,6 +292,7 @@ class Agent:
             process, {"cmd": cmd, "args": args, "envs": req.get("envs") or {}, "cwd": cwd_virtual}, req.get("tag")
         )
         self.procs[proc.pid] = proc
+        self.sessions.add(proc.pid)
         queue: asyncio.Queue = asyncio.Queue(OUTPUT_QUEUE_SIZE)
         proc.subscribers.add(queue)
         asyncio.ensure_future(self._supervise(proc))
@@ -555,14 +561,50 @@ async def _relay_egress(socket_path: str, reader: asyncio.StreamReader, writer: 
     await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
 
 
-def make_undumpable() -> None:
-    """Sandbox code runs as this agent's uid: without this it could ptrace the agent, or read its
-    memory and take its descriptors through /proc (the secret, the listening socket)."""
+def kill_sessions(sessions: set[int]) -> None:
+    """SIGKILL every process in one of `sessions` or descended from this agent."""
+    own = os.getpid()
+    for _ in range(5):
+        parents: dict[int, int] = {}
+        doomed: set[int] = set()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == own:
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    stat_line = f.read()
+                fields = stat_line[stat_line.rindex(b")") + 2 :].split()  # state ppid pgrp session ...
+                parents[int(entry)] = int(fields[1])
+                if int(fields[3]) in sessions:
+                    doomed.add(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+        frontier = {own} | doomed
+        while frontier:
+            frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - doomed
+            doomed |= frontier
+        if not doomed:
+            return
+        for pid in doomed:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.02)
+
+
+def prctl(option: int, value: int) -> None:
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+    if libc.prctl(option, value, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), f"prctl({option}, {value}) failed")
+
+
+def make_undumpable() -> None:
+    """Sandbox code runs as this agent's uid: without this it could ptrace the agent, or read its
+    memory and take its descriptors through /proc (the secret, the listening socket)."""
+    prctl(PR_SET_DUMPABLE, 0)
 
 
 def read_init(fd: int) -> dict:
@@ -606,8 +648,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--read-anywhere", action="store_true")
     parser.add_argument("--egress-socket", help="relay 127.0.0.1:--egress-port to this proxy socket")
     parser.add_argument("--egress-port", type=int, default=3128)
+    parser.add_argument("--max-processes", type=int, help="RLIMIT_NPROC of the agent and its commands")
     args = parser.parse_args(argv)
     make_undumpable()  # before the secret is read
+    if args.max_processes is not None:
+        # Here rather than on bwrap: inside the sandbox's user namespace it counts this sandbox's
+        # processes only (Linux >= 5.14); it cannot be raised again without CAP_SYS_RESOURCE.
+        resource.setrlimit(resource.RLIMIT_NPROC, (args.max_processes, args.max_processes))
     init = read_init(args.init_fd)
     os.umask(0o022)
     asyncio.run(serve(args, init))

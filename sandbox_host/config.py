@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from genloop.settings import ConfigError, Settings
-from sandbox_host.isolation import Limits
+from sandbox_host.isolation import Limits, host_mode
 
 # The envd version the host claims: enables octet-stream uploads (0.5.7) and everything before it,
 # but not file metadata (0.6.2) or watch options the agent does not implement.
@@ -36,6 +36,7 @@ class HostConfig:
     max_preview_connections: int
     egress_allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     isolated: bool
+    mode: str  # isolation.PER_UID, ROOTLESS or UNSAFE
 
     @classmethod
     def from_settings(cls, settings: Settings) -> HostConfig:
@@ -63,6 +64,7 @@ class HostConfig:
                 ipaddress.ip_network(n, strict=False) for n in section.egress_allowed_networks
             ),
             isolated=not section.unsafe_no_isolation,
+            mode=host_mode(not section.unsafe_no_isolation),
         )
 
     def with_api_key(self) -> HostConfig:

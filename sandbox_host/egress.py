@@ -91,7 +91,10 @@ def may_dial(
         return False
     if any(ip in net for net in allowed if net.version == ip.version):
         return True
-    if not ip.is_global or ip.is_reserved or ip.is_link_local:
+    # 6to4 (2002::/16) is judged by its embedded IPv4 (above) alone: older Pythons' registries (3.11.2,
+    # Debian 12's) file the whole prefix as private, newer ones as global.
+    sixtofour = isinstance(ip, ipaddress.IPv6Address) and ip.sixtofour is not None
+    if not (ip.is_global or sixtofour) or ip.is_reserved or ip.is_link_local:
         return False
     if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
         return False
@@ -120,6 +123,8 @@ def proxy_env() -> dict[str, str]:
     url = f"http://127.0.0.1:{PROXY_PORT_INSIDE}"
     env = {"HTTP_PROXY": url, "HTTPS_PROXY": url, "NO_PROXY": "localhost,127.0.0.1,::1"}
     env.update({k.lower(): v for k, v in env.items()})
+    # Node's own fetch() and http(s) ignore the variables unless told (npm reads them itself).
+    env["NODE_USE_ENV_PROXY"] = "1"
     return env
 
 

@@ -1,10 +1,20 @@
 """Sandbox lifecycle: create, adopt after a restart, expire, kill, reap.
 
-Every sandbox runs as its own host uid, taken from a block derived from state_dir (isolation.py).
-That uid is the handle for cleanup: `kill -9 -1` executed as the uid kills every process the
-sandbox has, atomically, whatever namespaces or sessions they moved to. A restarted host adopts the
-sandboxes whose records are intact and whose agents answer, and kills every other process in its
-uid block, so nothing it started is left behind.
+How a sandbox's processes are found and killed depends on the host's mode (isolation.py):
+
+- per-uid (root): every sandbox runs as its own host uid, from a block derived from state_dir.
+  `kill -9 -1` executed as the uid kills every process the sandbox has, atomically, whatever
+  namespaces or sessions they moved to; a restarted host also kills every process in its uid block
+  that belongs to no sandbox it adopted.
+- rootless: every sandbox runs as the host's user, in a pid namespace of its own. Killing the
+  namespace's init kills all of it. The init is recorded (pid, start time, pid-namespace inode)
+  before the agent is given its secret, and an agent that never gets it exits, taking the namespace
+  with it: so every sandbox that can run code is recorded, and the host only ever kills an init
+  whose pid, start time and namespace all match a record.
+- unsafe: the agent kills what it started when told to stop (per-uid as root as well).
+
+A restarted host adopts the sandboxes whose records are intact and whose agents answer, and kills
+the rest, so nothing it started is left behind.
 
 Sandboxes outlive the host process (a graceful stop leaves them running); each agent enforces its
 sandbox's deadline itself, so none outlives its TTL even if the host never comes back.
@@ -14,6 +24,10 @@ Layout of state_dir (0711: traversable, not listable):
     <id>/            0700, the host's only: record.json (0600), agent.sock, agent.log
     egress/<id>/     0700, owned by the sandbox: its egress proxy socket (bind-mounted read-only)
     unsafe/<id>/     --unsafe-no-isolation only: the sandbox's home and tmp on the host's disk
+    toolchain/bin/   --unsafe-no-isolation only: python, pip, npm, npx links (toolchain.py)
+
+(0711 as root, so bwrap and unsafe agents can reach their directories as the sandboxes' uids; 0700
+for an ordinary user, whose sandboxes are that user.)
 
 Nothing a sandbox can write is ever a path the host follows: the agent's socket is bound by the
 host in <id>/ and handed to the agent as a descriptor, and the agent proves it holds the sandbox's
@@ -39,7 +53,7 @@ from typing import Any
 import httpx
 import psutil
 
-from sandbox_host import isolation
+from sandbox_host import isolation, toolchain
 from sandbox_host.agent_client import AGENT_SOCKET, AgentClient, AgentUnavailable, listen_socket
 from sandbox_host.config import HostConfig
 from sandbox_host.egress import SOCKET_NAME, EgressProxy
@@ -56,6 +70,7 @@ AGENT_LOG = "agent.log"
 AGENT_LOG_MAX_BYTES = 256 * 1024
 EGRESS_DIR = "egress"
 UNSAFE_DIR = "unsafe"
+TOOLCHAIN_DIR = "toolchain"
 IDEMPOTENCY_TTL_S = 24 * 3600
 AGENT_READY_TIMEOUT_S = 15.0
 
@@ -82,9 +97,12 @@ class SandboxRecord:
     metadata: dict[str, str] = field(default_factory=dict)
     env_vars: dict[str, str] = field(default_factory=dict)
     internet_access: bool = True
-    init_pid: int | None = None
-    init_started: float | None = None
+    init_pid: int | None = None  # bwrap's pid 1 as the host sees it (unsafe: the agent)
+    init_started: float | None = None  # its start time (psutil), to tell it from a reused pid
+    pid_ns: int | None = None  # the inode of its pid namespace (isolated sandboxes)
     secret: str = ""  # hex; the agent proves it holds it (agent_client.AgentClient.verify)
+    mode: str = isolation.PER_UID  # the host's mode when it was created (records before modes: per-uid)
+    own_uid: bool = True  # `uid` is the sandbox's own (root hosts): cleanup by uid
 
     def public(self) -> dict[str, Any]:
         """The record without its secret (what the idempotency file keeps)."""
@@ -154,10 +172,14 @@ class SandboxManager:
     def __init__(self, config: HostConfig):
         self.config = config
         self.state_dir = config.state_dir
+        # As root every sandbox gets a uid of its own; otherwise it is the host's user.
+        self.own_uids = isolation.can_use_own_uids()
         self.uid_base = isolation.uid_block(config.state_dir)
         self.sandboxes: dict[str, Sandbox] = {}
         self.egress_root = config.state_dir / EGRESS_DIR
         self.unsafe_root = config.state_dir / UNSAFE_DIR
+        self.toolchain_bin = config.state_dir / TOOLCHAIN_DIR / "bin"
+        self.toolchain: toolchain.Toolchain | None = None
         self._idempotency: dict[str, dict[str, Any]] = {}
         self._pending_creates: dict[str, asyncio.Future[Sandbox]] = {}
         self._create_lock = asyncio.Lock()
@@ -168,12 +190,18 @@ class SandboxManager:
     # ------------------------------------------------------------------ startup / shutdown
     async def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        # Traversable but not listable: bwrap resolves a sandbox's egress directory as the sandbox's
-        # uid, and in unsafe mode the agent reaches its home and tmp as that uid.
-        os.chmod(self.state_dir, 0o711)
+        # Traversable but not listable as root: bwrap resolves a sandbox's egress directory as the
+        # sandbox's uid, and in unsafe mode the agent reaches its home and tmp as that uid.
+        mode = 0o711 if self.own_uids else 0o700
+        os.chmod(self.state_dir, mode)
         for root in (self.egress_root, self.unsafe_root):
-            root.mkdir(mode=0o711, exist_ok=True)
-            os.chmod(root, 0o711)
+            root.mkdir(mode=mode, exist_ok=True)
+            os.chmod(root, mode)
+        self.toolchain = toolchain.Toolchain.detect()
+        if not self.config.isolated:
+            self.toolchain.write_host_bin(self.toolchain_bin)
+            for directory in (self.toolchain_bin.parent, self.toolchain_bin):
+                os.chmod(directory, 0o755)
         self._agent_source = isolation.AGENT_SOURCE.read_bytes()
         self._passwd, self._group = isolation.passwd_files()
         self._load_idempotency()
@@ -196,19 +224,24 @@ class SandboxManager:
     async def _adopt_or_reap(self) -> None:
         adopted_uids: set[int] = set()
         roots = (self.egress_root, self.unsafe_root)
-        for directory in sorted(p for p in self.state_dir.iterdir() if p.is_dir() and p not in roots):
+        not_sandboxes = (*roots, self.toolchain_bin.parent)
+        for directory in sorted(p for p in self.state_dir.iterdir() if p.is_dir() and p not in not_sandboxes):
             record = self._read_record(directory)
             if record is not None and await self._adopt(record, directory):
                 adopted_uids.add(record.uid)
                 continue
             if record is not None:
-                await asyncio.to_thread(isolation.kill_uid, record.uid, self._verified_init_pid(record))
+                await asyncio.to_thread(self._kill_processes, record)
                 log.info("reaped sandbox %s left by a previous run", record.sandbox_id)
             await asyncio.to_thread(shutil.rmtree, directory, True)
         for root in roots:  # files of sandboxes that are no more
             for leftover in root.iterdir():
                 if leftover.name not in self.sandboxes:
                     await asyncio.to_thread(shutil.rmtree, leftover, True)
+        if not self.own_uids:
+            # No uid block to sweep: a sandbox runs code only once its init is recorded (_launch), and
+            # what no record names is not provably a sandbox's.
+            return
         # Anything else in this host's uid block is a leftover (e.g. a crash between starting a
         # sandbox and recording it): kill it.
         stray_uids = {
@@ -229,16 +262,37 @@ class SandboxManager:
 
     @staticmethod
     def _verified_init_pid(record: SandboxRecord) -> int | None:
-        """The recorded pid 1 of the sandbox, if that process is still the one recorded."""
+        """The recorded pid 1 of the sandbox, if that process is provably still the one recorded: the
+        same start time, and the same uid (a sandbox's own) or pid namespace (isolated sandboxes; an
+        inode no other live namespace has). A rootless record's uid is not checked: it is the host's
+        user as the host saw it, which differs in another user namespace."""
         if record.init_pid is None:
             return None
         try:
             init = psutil.Process(record.init_pid)
-            if abs(init.create_time() - (record.init_started or 0)) < 0.01 and init.uids().real == record.uid:
+            if (
+                isolation.same_start(init.create_time(), record.init_started)
+                and init.status() != psutil.STATUS_ZOMBIE
+                and (not record.own_uid or init.uids().real == record.uid)
+                and (record.pid_ns is None or isolation.pid_namespace(record.init_pid) == record.pid_ns)
+                and (record.own_uid or record.pid_ns is not None or init.uids().real == record.uid)
+            ):
                 return record.init_pid
         except psutil.Error:
             pass
         return None
+
+    def _kill_processes(self, record: SandboxRecord) -> None:
+        """End every process of a sandbox (blocking: run it in a thread)."""
+        init = self._verified_init_pid(record)
+        if record.own_uid:
+            isolation.kill_uid(record.uid, init)
+        elif init is None:
+            return  # its init is gone, and with it every process of its namespace (or its agent's)
+        elif record.mode == isolation.ROOTLESS:
+            isolation.kill_namespace(init, record.init_started)
+        else:
+            isolation.stop_agent(init, record.init_started)
 
     async def _adopt(self, record: SandboxRecord, directory: Path) -> bool:
         if record.end_at <= time.time() or self._verified_init_pid(record) is None:
@@ -340,7 +394,9 @@ class SandboxManager:
                 sandbox_id=new_sandbox_id(),
                 template_id=template_id,
                 slot=slot,
-                uid=self.uid_base + slot,
+                uid=self.uid_base + slot if self.own_uids else os.getuid(),
+                mode=self.config.mode,
+                own_uid=self.own_uids,
                 access_token=secrets.token_urlsafe(24),
                 secret=secrets.token_hex(32),
                 started_at=now,
@@ -358,7 +414,7 @@ class SandboxManager:
             if sandbox.egress is not None:
                 await sandbox.egress.close()
             sandbox.release()
-            await asyncio.to_thread(isolation.kill_uid, record.uid)  # whatever got started
+            await asyncio.to_thread(self._kill_processes, record)  # whatever got started
             await asyncio.to_thread(self._remove_files, sandbox)
             raise
         self._arm_timer(sandbox)
@@ -374,13 +430,17 @@ class SandboxManager:
         _write_json(sandbox.directory / RECORD_FILE, asdict(sandbox.record))
         if self.config.isolated:
             return
-        # Unsafe mode: the agent runs as the sandbox's uid on the host's filesystem.
+        # Unsafe mode: the agent runs as the sandbox's uid (or the host's user) on the host's filesystem.
         uid, files = sandbox.record.uid, self._unsafe_dir(sandbox)
         files.mkdir(mode=0o711)
+        assert self.toolchain is not None
+        profile = files / "home" / ".profile"
         for name, mode in (("home", 0o700), ("tmp", 0o1777), ("home/project", 0o755)):
             (files / name).mkdir()
             os.chmod(files / name, mode)
-            os.chown(files / name, uid, uid)
+        profile.write_text(self.toolchain.host_profile(str(files / "home"), self.toolchain_bin))
+        for path in (files / "home", files / "tmp", files / "home/project", profile):
+            os.chown(path, uid, uid)
 
     async def _start_egress(self, sandbox: Sandbox) -> None:
         if not (self.config.isolated and sandbox.record.internet_access):
@@ -391,14 +451,24 @@ class SandboxManager:
             self.config.max_egress_connections,
             self.config.egress_allowed_networks,
         )
-        await sandbox.egress.start(sandbox.record.uid)
+        await sandbox.egress.start(sandbox.record.uid if sandbox.record.own_uid else None)
+
+    def _process_cap(self, record: SandboxRecord) -> int | None:
+        """RLIMIT_NPROC for the agent to set on itself and its commands (isolation.py says why there)."""
+        if record.mode == isolation.ROOTLESS and not isolation.nproc_per_namespace():
+            return None  # counted per user before Linux 5.14: it would cap all of the user's processes
+        if record.mode == isolation.UNSAFE and not record.own_uid:
+            return None  # no namespace of its own: same
+        return self.config.limits.max_processes
 
     async def _launch(self, sandbox: Sandbox) -> None:
         record = sandbox.record
+        chain = self.toolchain
+        assert chain is not None, "start() first"
         await asyncio.to_thread(self._prepare_dirs, sandbox)
         await self._start_egress(sandbox)
         egress = sandbox.egress is not None
-        env = isolation.sandbox_env({**(egress_env() if egress else {}), **record.env_vars})
+        extra_env = {**(egress_env() if egress else {}), **record.env_vars}
         limits = [isolation.find_tool("prlimit"), *self.config.limits.prlimit_args(), "--"]
         output_r, output_w = os.pipe()
         sandbox.output_drain = asyncio.get_running_loop().create_task(self._drain_output(sandbox, output_r))
@@ -410,11 +480,13 @@ class SandboxManager:
             listener = listen_socket(sandbox.agent_socket)
             agent_fd = listener.fileno()
             if self.config.isolated:
+                env = isolation.sandbox_env(extra_env)
                 info_r, info_w = os.pipe()
                 source_fd = isolation.memfd("agent", self._agent_source)
                 passwd_fd = isolation.memfd("passwd", self._passwd)
                 group_fd = isolation.memfd("group", self._group)
-                fds += [source_fd, passwd_fd, group_fd, info_w]
+                tool_fds = {inside: isolation.memfd("toolchain", data) for inside, (data, _) in chain.files.items()}
+                fds += [source_fd, passwd_fd, group_fd, info_w, *tool_fds.values()]
                 agent_args = isolation.agent_command_args(
                     agent_fd=agent_fd,
                     init_fd=init_r,
@@ -423,6 +495,7 @@ class SandboxManager:
                     deadline=record.end_at,
                     read_anywhere=True,
                     egress_socket=f"{isolation.EGRESS_DIR_INSIDE}/{SOCKET_NAME}" if egress else None,
+                    max_processes=self._process_cap(record),
                 )
                 cmd = limits + isolation.bwrap_args(
                     bwrap=isolation.bwrap_binary(),
@@ -434,38 +507,43 @@ class SandboxManager:
                     python=isolation.system_python(),
                     agent_args=agent_args,
                     disk_limit_bytes=self.config.limits.disk_bytes,
+                    toolchain_args=chain.bwrap_args(tool_fds),
                 )
                 cwd = "/"
             else:
                 files = self._unsafe_dir(sandbox)
-                env.update(HOME=str(files / "home"), TMPDIR=str(files / "tmp"))
+                home, tmp = str(files / "home"), str(files / "tmp")
+                env = isolation.sandbox_env({**chain.host_env(home, self.toolchain_bin), **extra_env})
+                env.update(HOME=home, TMPDIR=tmp)
                 agent_args = isolation.agent_command_args(
                     agent_fd=agent_fd,
                     init_fd=init_r,
-                    home_dir=str(files / "home"),
-                    tmp_dir=str(files / "tmp"),
+                    home_dir=home,
+                    tmp_dir=tmp,
                     deadline=record.end_at,
                     read_anywhere=False,
                     egress_socket=None,  # unisolated sandboxes share the host's network
+                    max_processes=self._process_cap(record),
                 )
                 # The sandbox uid may not reach the repository or the venv: run a copy of the agent.
                 agent_copy = files / "agent.py"
                 agent_copy.write_bytes(self._agent_source)
                 agent_copy.chmod(0o644)
                 cmd = limits + [isolation.system_python(), "-I", str(agent_copy), *agent_args]
-                cwd = str(files / "home")
+                cwd = home
+            run_as: dict[str, Any] = {}
+            if record.own_uid:
+                run_as = {"user": record.uid, "group": record.uid, "extra_groups": []}
             process = await asyncio.create_subprocess_exec(
                 *cmd,
                 pass_fds=(agent_fd, *fds),
                 env=isolation.host_process_env(),  # never the host's own: it holds the operator's secrets
-                user=record.uid,
-                group=record.uid,
-                extra_groups=[],
                 start_new_session=True,  # never part of the host's process group or terminal
                 stdin=subprocess.DEVNULL,
                 stdout=output_w,
                 stderr=output_w,
                 cwd=cwd,
+                **run_as,
             )
         except BaseException:
             os.close(init_w)
@@ -479,18 +557,32 @@ class SandboxManager:
             for fd in fds:
                 os.close(fd)
         self._reap_child(process)
+        # The init is recorded before the agent gets its secret and environment: if the host dies
+        # before handing them over, the agent reads EOF and exits, and its namespace with it. So no
+        # sandbox ever runs code that its record does not name (rootless cleanup relies on it).
+        try:
+            if info_r is not None:
+                info = await asyncio.wait_for(asyncio.to_thread(_read_info, info_r), AGENT_READY_TIMEOUT_S)
+            else:
+                info = {"child-pid": process.pid}  # unsafe: prlimit exec'd the agent itself
+            if info is None:
+                raise SandboxStartError(f"sandbox failed to start: {await self._agent_log_tail(sandbox)}")
+            init_pid = int(info["child-pid"])
+            try:
+                record.init_started = psutil.Process(init_pid).create_time()
+            except psutil.Error:
+                raise SandboxStartError(f"sandbox exited at start: {await self._agent_log_tail(sandbox)}") from None
+            record.init_pid = init_pid
+            record.pid_ns = info.get("pid-namespace")
+            await asyncio.to_thread(_write_json, sandbox.directory / RECORD_FILE, asdict(record))
+        except BaseException:
+            os.close(init_w)  # the agent, if it started, reads EOF and exits
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()  # our own child (prlimit/bwrap or the unsafe agent)
+            raise
         init = json.dumps({"secret": record.secret, "env": env}).encode()
         await asyncio.wait_for(asyncio.to_thread(_write_and_close, init_w, init), AGENT_READY_TIMEOUT_S)
-        if info_r is not None:
-            init_pid = await asyncio.wait_for(asyncio.to_thread(_read_child_pid, info_r), AGENT_READY_TIMEOUT_S)
-        else:
-            init_pid = process.pid
-        if init_pid is None:
-            raise SandboxStartError(f"sandbox failed to start: {await self._agent_log_tail(sandbox)}")
         await self._wait_for_agent(sandbox)
-        record.init_pid = init_pid
-        record.init_started = psutil.Process(init_pid).create_time()
-        await asyncio.to_thread(_write_json, sandbox.directory / RECORD_FILE, asdict(record))
         self._watch(sandbox, init_pid)
 
     async def _wait_for_agent(self, sandbox: Sandbox) -> None:
@@ -592,7 +684,7 @@ class SandboxManager:
         if sandbox.egress is not None:
             await sandbox.egress.close()
         sandbox.release()
-        await asyncio.to_thread(isolation.kill_uid, sandbox.record.uid, self._verified_init_pid(sandbox.record))
+        await asyncio.to_thread(self._kill_processes, sandbox.record)
         await asyncio.to_thread(self._remove_files, sandbox)
         sandbox.gone.set()
         log.info("sandbox %s ended: %s", sandbox.sandbox_id, reason)
@@ -620,8 +712,9 @@ def _write_and_close(fd: int, data: bytes) -> None:
         os.close(fd)
 
 
-def _read_child_pid(info_fd: int) -> int | None:
-    """bwrap writes {"child-pid": N} (the sandbox's pid 1, as the host sees it) to --info-fd."""
+def _read_info(info_fd: int) -> dict[str, Any] | None:
+    """bwrap writes {"child-pid": N, "pid-namespace": INODE, ...} to --info-fd: the sandbox's pid 1 as
+    the host sees it, and its namespaces. None if bwrap ended without writing it."""
     chunks = []
     try:
         while True:
@@ -629,8 +722,10 @@ def _read_child_pid(info_fd: int) -> int | None:
             if not chunk:
                 break
             chunks.append(chunk)
-            with contextlib.suppress(ValueError):
-                return int(json.loads(b"".join(chunks))["child-pid"])
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                info = json.loads(b"".join(chunks))
+                int(info["child-pid"])
+                return info
     finally:
         os.close(info_fd)
     return None

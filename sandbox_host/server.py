@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import resource
+import socket
 import sys
 
 import uvicorn
 from pydantic import SecretStr, ValidationError
 
 from genloop.settings import ConfigError, Settings, get_settings
+from sandbox_host import isolation
 from sandbox_host.app import HostApp
 from sandbox_host.config import HostConfig
 from sandbox_host.isolation import IsolationUnavailable, check_bubblewrap
@@ -73,37 +76,82 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+MODE_DESCRIPTIONS = {
+    isolation.PER_UID: "as uids of their own",
+    isolation.ROOTLESS: "as this user, in namespaces of their own",
+    isolation.UNSAFE: "WITHOUT isolation",
+}
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything else starts, so a taken port is one clear line."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(False)
+    return sock
+
+
+def refuse(message: str) -> int:
+    """Every expected start-up failure: one line (the last the host logs), exit code 2."""
+    log.error("refusing to start: %s.", message)
+    return 2
+
+
 async def serve(config: HostConfig, log_level: str) -> int:
     raise_fd_limit()
     key_source = "configured" if config.api_key else f"in {config.key_file}"
     try:
         config = config.with_api_key()
     except (ConfigError, OSError) as exc:
-        log.error("refusing to start: %s", exc)
-        return 2
-    config.state_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(config.state_dir, 0o711)
+        return refuse(str(exc))
+    try:
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(config.state_dir, 0o711 if isolation.can_use_own_uids() else 0o700)
+    except OSError as exc:
+        return refuse(
+            f"cannot use the state directory {config.state_dir} ({exc.strerror}): choose another with --state-dir"
+        )
     if config.isolated:
         try:
-            await asyncio.to_thread(check_bubblewrap, config.state_dir, config.limits.disk_bytes)
+            await asyncio.to_thread(check_bubblewrap, config.state_dir, config.limits.disk_bytes, config.mode)
         except IsolationUnavailable as exc:
-            log.error(
-                "refusing to start: %s. Fix that, or pass --unsafe-no-isolation to run sandboxes unisolated.", exc
+            return refuse(str(exc))
+        if config.mode == isolation.ROOTLESS and not isolation.nproc_per_namespace():
+            log.warning(
+                "Linux %s counts processes per user, not per user namespace: in rootless mode sandboxes get no "
+                "process cap (max_processes); Linux 5.14 or later restores it",
+                os.uname().release,
             )
-            return 2
     else:
         log.warning("!" * 88)
         log.warning("UNSAFE: sandboxes run WITHOUT isolation. Their commands can read and write whatever")
         log.warning("their uid can reach on this machine, share its network and ports, and see its processes.")
         log.warning("Use only with trusted code, on a machine where bubblewrap cannot run.")
         log.warning("!" * 88)
+    try:
+        listener = bind_socket(config.host, config.port)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return refuse(
+                f"port {config.port} on {config.host} is in use (another sandbox host?): stop it, or choose another "
+                "port with --port or GENLOOP_SANDBOX_HOST_PORT"
+            )
+        return refuse(f"cannot listen on {config.host}:{config.port} ({exc.strerror})")
     manager = SandboxManager(config)
-    await manager.start()
+    try:
+        await manager.start()
+    except (OSError, IsolationUnavailable) as exc:
+        listener.close()
+        return refuse(f"cannot prepare {config.state_dir}: {exc}")
     server = uvicorn.Server(
         uvicorn.Config(
             HostApp(manager, config),
-            host=config.host,
-            port=config.port,
             lifespan="off",
             log_level=log_level,
             access_log=log_level == "debug",
@@ -111,16 +159,17 @@ async def serve(config: HostConfig, log_level: str) -> int:
         )
     )
     log.info(
-        "sandbox host on http://%s:%d (state %s, %s, %d sandboxes adopted, API key %s)",
+        "sandbox host on http://%s:%d (mode %s: sandboxes run %s; state %s, %d sandboxes adopted, API key %s)",
         config.host,
         config.port,
+        config.mode,
+        MODE_DESCRIPTIONS[config.mode],
         config.state_dir,
-        "isolated with bubblewrap" if config.isolated else "NOT isolated",
         len(manager.sandboxes),
         key_source,
     )
     try:
-        await server.serve()
+        await server.serve(sockets=[listener])
     finally:
         # Sandboxes keep running under their own deadlines; the next start adopts them.
         await manager.shutdown()

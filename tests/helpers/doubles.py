@@ -7,7 +7,9 @@ import asyncio
 import base64
 import hashlib
 import io
+import json
 import zipfile
+from dataclasses import replace
 
 import e2b
 
@@ -101,7 +103,7 @@ class SlowStartRunnerDouble:
         return result
 
 
-def _wheel(name: str, version: str, module_source: str) -> bytes:
+def wheel_bytes(name: str, version: str, module_source: str) -> bytes:
     """A minimal pure-Python wheel, built in memory, so DEPS installs a real package offline."""
     dist = f"{name}-{version}.dist-info"
     files = {
@@ -132,9 +134,30 @@ class DependencyRunnerDouble:
     async def run(self, task: RunnerTask, progress) -> RunnerResult:
         result = await TemplateRunner().run(task, progress)
         wheel_name = f"wheels/{self.PACKAGE}-1.0-py3-none-any.whl"
-        result.files[wheel_name] = _wheel(self.PACKAGE, "1.0", "GREETING = 'dependency installed'\n")
+        result.files[wheel_name] = wheel_bytes(self.PACKAGE, "1.0", "GREETING = 'dependency installed'\n")
         result.files["requirements.txt"] = f"./{wheel_name}\n"
         result.files["app.py"] = f"import {self.PACKAGE}\n" + result.files["app.py"]
+        return result
+
+
+class NodeDependencyRunnerDouble:
+    """The node template app plus one small dependency from the npm registry, required at start:
+    DEPS must install it (`npm install`, through the sandbox's egress proxy)."""
+
+    capabilities = frozenset({Capability.NEW_APP})
+
+    PACKAGE, VERSION = "is-number", "7.0.0"  # no dependencies of its own, a few KB
+
+    async def run(self, task: RunnerTask, progress) -> RunnerResult:
+        result = await TemplateRunner().run(replace(task, stack="node"), progress)
+        package = json.loads(result.files["package.json"])
+        package["dependencies"] = {self.PACKAGE: self.VERSION}
+        result.files["package.json"] = json.dumps(package, indent=2) + "\n"
+        server = str(result.files["server.js"])
+        result.files["server.js"] = server.replace(
+            'const http = require("http");',
+            f'const http = require("http");\nconst isNumber = require("{self.PACKAGE}");\nisNumber(42);',
+        )
         return result
 
 

@@ -7,19 +7,18 @@ still serves its own page, and at the end the worker is alive and a new build re
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 from pathlib import Path
 
 import e2b
 import httpx
-import psutil
 import pytest
 from e2b import AsyncSandbox
 
 from genloop.http import preview_client
 from sandbox_host.testing import running_host
+from tests.helpers.sandboxes import pid_namespace_of, processes_in
 from tests.reliability.harness import REPO_ROOT, Stack, wait_until
 
 pytestmark = pytest.mark.reliability
@@ -41,19 +40,6 @@ async def hostile_stack(temporal_env, pg_url, tmp_path):
             yield stack
         finally:
             await stack.close()
-
-
-def _uid_of(host, sandbox_id: str) -> int:
-    return json.loads((host.state_dir / sandbox_id / "record.json").read_text())["uid"]
-
-
-def _processes_of(uid: int) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["uids", "status"]):
-        uids = proc.info["uids"]
-        if uids is not None and proc.info["status"] != psutil.STATUS_ZOMBIE and uid in (uids.real, uids.effective):
-            found.append(proc)
-    return found
 
 
 async def _run(sandbox: AsyncSandbox, cmd: str, timeout: int = 60) -> tuple[int, str]:
@@ -99,26 +85,27 @@ async def test_hostile_code_is_contained(hostile_stack):
     outcomes["read host files"] = "not visible (not mounted)"
     await others_fine()
 
-    # 2. Fork bomb: RLIMIT_NPROC is per sandbox uid; the command deadline and the kill end it.
+    # 2. Fork bomb: RLIMIT_NPROC counts the sandbox's user namespace only (per-uid and rootless
+    # alike); the command deadline and the kill end it. Its processes are those of its pid namespace.
     sb = await attacker()
-    uid = _uid_of(host, sb.sandbox_id)
+    pid_ns = pid_namespace_of(host, sb.sandbox_id)
     bomb = asyncio.ensure_future(_run(sb, "bomb() { bomb | bomb & }; bomb; sleep 30", timeout=20))
     peak = 0
 
     async def bomb_at_limit() -> bool:
         nonlocal peak
-        peak = max(peak, len(_processes_of(uid)))
+        peak = max(peak, len(processes_in(pid_ns)))
         return peak >= MAX_PROCESSES * 0.8
 
     await wait_until(bomb_at_limit, "the fork bomb to reach the process limit", timeout=30, interval=0.05)
     await others_fine()  # while the bomb runs
     for _ in range(20):
-        peak = max(peak, len(_processes_of(uid)))
+        peak = max(peak, len(processes_in(pid_ns)))
         await asyncio.sleep(0.05)
     assert peak <= MAX_PROCESSES, peak
     await sb.kill()
     bomb.cancel()
-    await wait_until(lambda: not _processes_of(uid), "the fork bomb's processes to be gone", timeout=30)
+    await wait_until(lambda: not processes_in(pid_ns), "the fork bomb's processes to be gone", timeout=30)
     outcomes["fork bomb"] = f"peak {peak} processes (limit {MAX_PROCESSES}); all gone after kill"
     await others_fine()
 
@@ -177,7 +164,7 @@ async def test_hostile_code_is_contained(hostile_stack):
 
     # 6. Signal its parent, a host process, and everything it can see.
     sb = await attacker()
-    uid = _uid_of(host, sb.sandbox_id)
+    pid_ns = pid_namespace_of(host, sb.sandbox_id)
     code, out = await _run(sb, f"kill -9 {os.getpid()} {worker.pid} {host.pid}; echo rc=$?")
     assert "rc=1" in out or "No such process" in out, out  # host pids do not exist in its pid namespace
     assert worker.alive and host.running
@@ -186,7 +173,7 @@ async def test_hostile_code_is_contained(hostile_stack):
 
     async def attacker_gone() -> bool:
         listed = {s.sandbox_id for s in await stack.sandboxes.list()}
-        return sb.sandbox_id not in listed and not _processes_of(uid)
+        return sb.sandbox_id not in listed and not processes_in(pid_ns)
 
     await wait_until(attacker_gone, "the self-destroyed sandbox to be reaped", timeout=30)
     outcomes["signal its parent"] = "host pids invisible; killing its agent ends only its own sandbox"

@@ -2,7 +2,8 @@
 started again on the same state directory). The host re-adopts the sandbox; the install activity
 fails over to a retry, which ends the orphaned install and installs again. The build reaches READY
 or fails with the friendly message and a debug_id (and a rerun succeeds). Afterwards no process in
-the host's uid block belongs to a sandbox the host does not list."""
+the host's uid block (per-uid mode) belongs to a sandbox the host does not list, and killing the
+listed ones leaves none of their pid namespaces alive (either mode)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from temporalio.client import WorkflowFailureError
 
 from sandbox_host import isolation
+from tests.helpers.sandboxes import pid_namespace_of, processes_in
 from tests.reliability.harness import assert_recovered_ready, wait_until
 
 pytestmark = pytest.mark.reliability
@@ -42,6 +44,7 @@ async def test_sandbox_host_restart_mid_build(private_stack):
     handle = await stack.start_build("slow-install")
     await stack.wait_in_stage(handle.id, "deps")
     [sandbox_id] = await stack.sandboxes.find_for_build(handle.id)
+    namespaces = {pid_namespace_of(host, sandbox_id)}
 
     await host.restart(crash=True)
     assert sandbox_id in {s.sandbox_id for s in await stack.sandboxes.list()}  # adopted
@@ -64,5 +67,7 @@ async def test_sandbox_host_restart_mid_build(private_stack):
     assert _sandbox_uids_running(host.state_dir) <= await _listed_uids(stack)
     # ...and killing those leaves nothing behind.
     for s in await stack.sandboxes.list():
+        namespaces.add(pid_namespace_of(host, s.sandbox_id))
         await stack.sandboxes.kill(s.sandbox_id)
     await wait_until(lambda: not _sandbox_uids_running(host.state_dir), "every sandbox process to be gone", timeout=30)
+    assert [ns for ns in namespaces if processes_in(ns)] == []

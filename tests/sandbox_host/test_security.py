@@ -23,10 +23,9 @@ from e2b.exceptions import AuthenticationException
 from genloop.http import preview_client
 from genloop.settings import load_settings
 from sandbox_host.egress import host_networks
-from sandbox_host.isolation import processes_of_uid
 from sandbox_host.sandboxes import AGENT_LOG_MAX_BYTES
-from sandbox_host.testing import free_port, running_host
-from tests.helpers.sandboxes import record_of, run, sandbox, serve
+from sandbox_host.testing import free_port, running_host, unused_uid
+from tests.helpers.sandboxes import pid_namespace_of, processes_in, run, sandbox, serve
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -54,9 +53,18 @@ READ_ENVIRONMENTS = (
 )
 
 
-@pytest.mark.parametrize("unsafe", [False, True], ids=["isolated", "unsafe-no-isolation"])
-async def test_host_environment_never_reaches_sandbox_code(tmp_path, unsafe):
-    async with running_host(tmp_path, env=HOST_SECRETS, unsafe_no_isolation=unsafe) as host:
+@pytest.mark.parametrize(
+    "unsafe, rootless",
+    [(False, False), (False, True), (True, False)],
+    ids=["isolated", "rootless", "unsafe-no-isolation"],
+)
+async def test_host_environment_never_reaches_sandbox_code(tmp_path, unsafe, rootless):
+    if unsafe and os.geteuid() != 0:
+        pytest.skip("per-uid specific: unsafe mode keeps the host's /proc/PID/environ out of reach only through a uid "
+                    "of the sandbox's own; as an ordinary user it runs sandbox code as that user (out of scope)")
+    # "rootless": a host run by an unprivileged uid (the test's own user is one already when not root).
+    run_as = unused_uid() if rootless and os.geteuid() == 0 else None
+    async with running_host(tmp_path, env=HOST_SECRETS, unsafe_no_isolation=unsafe, run_as=run_as) as host:
         assert psutil.Process(host.pid).environ()["AWS_SECRET_ACCESS_KEY"] == HOST_SECRETS["AWS_SECRET_ACCESS_KEY"]
         async with sandbox(host.sdk_options(), envs={"MINE": "from-create"}) as sb:
             _, out = await run(sb, READ_ENVIRONMENTS)
@@ -124,7 +132,8 @@ while True:
 
 @contextlib.asynccontextmanager
 async def root_only_trap():
-    """A unix socket server in a 0700 directory of root's: records every connection it gets."""
+    """A unix socket server in a 0700 directory of the test's user (root's in CI): records every
+    connection it gets."""
     directory = Path(tempfile.mkdtemp(prefix="trap-"))
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     path = directory / "root-only.sock"
@@ -172,9 +181,9 @@ async def test_agent_that_cannot_prove_the_secret_is_not_adopted(tmp_path):
     async with running_host(tmp_path) as host:
         sdk = host.sdk_options()
         sb = await AsyncSandbox.create(**sdk)
-        uid = record_of(host, sb.sandbox_id)["uid"]
+        pid_ns = pid_namespace_of(host, sb.sandbox_id)
         await host.stop()
-        # An impostor on the agent's socket (only root can put one there): it answers every ping.
+        # An impostor on the agent's socket (only the host's user can put one there): it answers every ping.
         socket_path = host.state_dir / sb.sandbox_id / "agent.sock"
         socket_path.unlink(missing_ok=True)
 
@@ -190,7 +199,7 @@ async def test_agent_that_cannot_prove_the_secret_is_not_adopted(tmp_path):
             assert sb.sandbox_id not in {s.sandbox_id for s in listed}
 
             async def reaped() -> bool:
-                return not processes_of_uid(uid)
+                return not processes_in(pid_ns)
 
             await wait_for(reaped, "the unverified sandbox to be reaped")
             assert "failed the secret handshake" in host.log_path.read_text()

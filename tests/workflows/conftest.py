@@ -31,9 +31,10 @@ class BuildStack:
     runners: dict[str, Any] = field(default_factory=dict)
 
     async def start(self, goal: str = "a todo list for cats", *, project_id: str | None = None,
-                    runner: str = "template", build_id: str | None = None) -> WorkflowHandle:
+                    runner: str = "template", build_id: str | None = None, stack: str = "python") -> WorkflowHandle:
         build_id = build_id or f"b-{uuid.uuid4().hex[:12]}"
-        req = BuildRequest(build_id=build_id, project_id=project_id or f"p-{uuid.uuid4().hex[:8]}", goal=goal, runner=runner)
+        req = BuildRequest(build_id=build_id, project_id=project_id or f"p-{uuid.uuid4().hex[:8]}", goal=goal,
+                           runner=runner, stack=stack)
         return await self.client.start_workflow(
             WORKFLOW_NAME, req, id=build_id, task_queue=self.task_queue, result_type=BuildResult
         )
