@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import time
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
+import httpx
 from temporalio.client import Client
 from temporalio.worker import Worker
 
@@ -49,7 +52,7 @@ def build_worker(
 
 
 def production_activities(
-    settings: Settings, repo: JobRepository, extra_runners: Mapping[str, Any] | None = None
+    settings: Settings, repo: JobRepository, extra_runners: Mapping[str, Any] | None = None, *, host_id: str = ""
 ) -> BuildActivities:
     """BuildActivities wired from settings: the real repository, sandbox client and runners."""
     runners: dict[str, Any] = {name: build_runner(name, settings) for name in settings.available_runners}
@@ -63,7 +66,32 @@ def production_activities(
         token_budget=settings.runner.max_tokens_per_build,
         version_url=settings.version_url,
         preview=preview_policy(settings),
+        host_id=host_id,
+        host_queue=host_queue(settings, host_id) if host_id else "",
     )
+
+
+def host_queue(settings: Settings, host_id: str) -> str:
+    """The task queue only the workers of one sandbox host poll (Temporal's worker-specific queue)."""
+    return f"{settings.temporal.task_queue}@{host_id}"
+
+
+async def host_identity(settings: Settings, *, wait_s: float = 30) -> str:
+    """The id of this worker's own local sandbox host ("" for E2B cloud or a host that reports none:
+    one shared sandbox tier every worker reaches). Waits for a host that is still starting."""
+    url = settings.sandbox_api_url
+    if url is None:
+        return ""
+    deadline = time.monotonic() + wait_s
+    async with httpx.AsyncClient(timeout=3) as http:
+        while True:
+            try:
+                return str((await http.get(f"{url}/health")).json().get("host_id") or "")
+            except (httpx.HTTPError, ValueError):
+                if time.monotonic() > deadline:
+                    log.warning("sandbox host at %s did not answer /health: working without a host queue", url)
+                    return ""
+                await asyncio.sleep(0.5)
 
 
 def all_activities(activities: BuildActivities) -> list[Any]:
@@ -77,16 +105,23 @@ async def run_worker(settings: Settings, extra_runners: Mapping[str, Any] | None
     `extra_runners` lets the fault-injection suite register its runner doubles."""
     repo = JobRepository.from_url(settings.database_url)
     client = await connect(settings)
-    activities = production_activities(settings, repo, extra_runners)
-    worker = build_worker(client, settings, all_activities(activities))
+    host_id = await host_identity(settings)
+    activities = production_activities(settings, repo, extra_runners, host_id=host_id)
+    workers = [build_worker(client, settings, all_activities(activities))]
+    if host_id:
+        # Activities on this host's sandboxes come on a queue only this host's workers poll.
+        workers.append(build_worker(client, settings, all_activities(activities), task_queue=activities.host_queue,
+                                    workflows=[]))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("worker polling task queue %s on %s", settings.temporal.task_queue, settings.temporal.target)
+    log.info("worker polling %s on %s", ", ".join(w.task_queue for w in workers), settings.temporal.target)
     sweeper = asyncio.create_task(_sweep_periodically(settings, activities, client))
     try:
-        async with worker:
+        async with contextlib.AsyncExitStack() as running:
+            for worker in workers:
+                await running.enter_async_context(worker)
             await stop.wait()
             log.info("shutting down: finishing in-flight tasks")
     finally:
