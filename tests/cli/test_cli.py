@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,29 +17,10 @@ from e2b import AsyncSandbox
 
 from genloop.http import preview_client
 from genloop.settings import load_settings
-from sandbox_host.testing import free_port
 from tests.workflows.conftest import make_stack
 
 GENLOOP = [sys.executable, "-m", "genloop.cli"]
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def stack_env():
-    # Sandboxes run as unprivileged uids: the data dir's parents must be traversable (not tmp_path).
-    data_dir = Path(tempfile.mkdtemp(prefix="genloop-cli-"))
-    os.chmod(data_dir, 0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TEMPORAL_", "GENLOOP_", "E2B_"))}
-    env.update(
-        GENLOOP_DATA_DIR=str(data_dir),
-        GENLOOP_TEMPORAL_PORT=str(free_port()),
-        GENLOOP_TEMPORAL_UI_PORT=str(free_port()),
-        GENLOOP_SANDBOX_HOST_PORT=str(free_port()),
-        GENLOOP_API_PORT=str(free_port()),
-        GENLOOP_WORKER_SWEEP_INTERVAL_S="0",
-    )
-    yield env
-    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def _genloop(env, *args, timeout=180, cwd=REPO) -> subprocess.CompletedProcess:

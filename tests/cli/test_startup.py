@@ -5,13 +5,11 @@ and says on stop what it stopped and what it left running."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,20 +22,8 @@ LIBRARY_INFO = re.compile(r"^\S+ \S+ INFO (?!genloop)", re.MULTILINE)
 
 
 @pytest.fixture
-def env():
-    data_dir = Path(tempfile.mkdtemp(prefix="genloop-up-"))
-    os.chmod(data_dir, 0o755)
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("TEMPORAL_", "GENLOOP_", "E2B_"))}
-    environment.update(
-        GENLOOP_DATA_DIR=str(data_dir),
-        GENLOOP_TEMPORAL_PORT=str(free_port()),
-        GENLOOP_TEMPORAL_UI_PORT=str(free_port()),
-        GENLOOP_SANDBOX_HOST_PORT=str(free_port()),
-        GENLOOP_API_PORT=str(free_port()),
-        GENLOOP_WORKER_SWEEP_INTERVAL_S="0",
-    )
-    yield environment
-    shutil.rmtree(data_dir, ignore_errors=True)
+def env(stack_env):
+    return stack_env
 
 
 def up(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
