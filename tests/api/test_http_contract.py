@@ -158,6 +158,8 @@ async def test_openapi_describes_every_route(http):
         "/v1/builds/{build_id}": {"get"},
         "/v1/builds/{build_id}/events": {"get"},
         "/v1/builds/{build_id}/cancel": {"post"},
+        "/v1/builds/{build_id}/preview/wake": {"post"},
+        "/v1/builds/{build_id}/preview/pause": {"post"},
         "/v1/projects/{project_id}": {"get"},
         "/v1/builds/{build_id}/files": {"get"},
         "/v1/builds/{build_id}/files/{path}": {"get"},

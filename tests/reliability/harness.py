@@ -276,9 +276,11 @@ async def assert_recovered_ready(stack: Stack, handle: WorkflowHandle, result: B
     job = await stack.repo.get(handle.id)
     status = await handle.query(STATUS_QUERY, result_type=BuildStatus)
     assert [t.stage for t in await stack.repo.list_transitions(handle.id)] == PIPELINE
-    assert (job.status, job.sandbox_id, job.preview_url, job.build_version, job.workspace_path) == (
+    assert (job.status, job.sandbox_id, job.sandbox_preview_url, job.build_version, job.workspace_path) == (
         status.stage, status.sandbox_id, status.preview_url, status.build_version, status.workspace_path,
     ) == ("ready", result.sandbox_id, result.preview_url, result.build_version, result.workspace_path)
+    # The row's preview_url is the version's stable URL (the gateway's), the sandbox's stays beside it.
+    assert job.preview_url == (result.version_url or result.preview_url)
     project_versions = [j.build_version for j in await stack.repo.list_jobs(job.project_id)]
     assert project_versions == [result.build_version] and result.build_version == "build_v0_1", project_versions
     desc = await handle.describe()

@@ -8,7 +8,7 @@ import pytest
 from temporalio.client import WithStartWorkflowOperation
 from temporalio.common import WorkflowIDConflictPolicy
 
-from tests.reliability.harness import PIPELINE
+from tests.reliability.harness import PIPELINE, wait_until
 from workflows.project import ProjectWorkflow
 from workflows.types import BuildResult, ChangeRequest, ProjectInput, SubmitResult, project_workflow_id
 
@@ -50,7 +50,10 @@ async def test_worker_killed_while_changes_are_queued(stack):
 
     versions = []
     for index, build_id in enumerate(build_ids):
-        result = await stack.client.get_workflow_handle(build_id, result_type=BuildResult).result()
+        handle = stack.client.get_workflow_handle(build_id, result_type=BuildResult)
+        # The project starts each queued build only after the one before it has finished.
+        await wait_until(handle.describe, f"build {build_id} to start", timeout=180)
+        result = await handle.result()
         assert result.status == "ready", result
         versions.append(result.build_version)
         assert await stack.sandboxes.find_for_build(build_id) == [result.sandbox_id]

@@ -463,9 +463,17 @@ for s in sockets:
 counts = []
 while len(counts) < 4 or len(set(counts[-4:])) > 1:
     time.sleep(settle)
-    counts.append(len(poller.poll(0)))
-refused = counts[-1]
-print(f"connected={len(sockets)} failed={failed} refused={refused} held={len(sockets) - refused}", flush=True)
+    ready = poller.poll(0)
+    counts.append(len(ready))
+by_fd = {s.fileno(): s for s in sockets}
+readable = {by_fd[fd] for fd, _ in ready}
+# A refused connection got the proxy's 503; a held one is silent, or closed without a word once the
+# proxy's head timeout passed (a slow machine takes that long to open them all).
+answers = {s: s.recv(16) for s in readable}
+refused = sum(1 for a in answers.values() if a.startswith(b"HTTP/1.1 503"))
+timed_out = len(answers) - refused
+print(f"connected={len(sockets)} failed={failed} refused={refused} held={len(sockets) - len(answers)} "
+      f"timed_out={timed_out}", flush=True)
 open("/tmp/hog-counted", "w").close()
 time.sleep(hold)
 """
@@ -495,8 +503,9 @@ async def test_connection_flood_is_capped_per_sandbox_and_other_previews_still_a
             counts = dict(item.split("=") for item in (await hog.files.read("/tmp/hog.out")).split())
             print("flood:", counts)
             connected, refused, held = int(counts["connected"]), int(counts["refused"]), int(counts["held"])
+            timed_out = int(counts["timed_out"])  # held, then closed by the head timeout, freeing a slot
             assert connected + int(counts["failed"]) == 6000 and connected > cap
-            assert 0 < held <= cap and refused >= connected - cap, counts
+            assert 0 < held + timed_out and held <= cap and refused >= connected - cap - timed_out, counts
         log = host.log_path.read_bytes()[log_before:].decode(errors="replace")
         assert log.count("egress refused") == 1, log[-3000:]
         assert "Traceback" not in log and len(log) < 64 * 1024, log[-3000:]
