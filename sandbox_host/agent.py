@@ -633,7 +633,7 @@ class Agent:
         path = req.get("path", "")
         root = self.paths.to_local(path, write=False)
         try:
-            if not os.stat(root).st_mode & stat.S_IFDIR:
+            if not stat.S_ISDIR(os.stat(root).st_mode):
                 raise AgentError("invalid_argument", f"path {path} not a directory")
         except FileNotFoundError:
             raise AgentError("not_found", f"path {path} not found") from None

@@ -1,7 +1,7 @@
 """E2B features that exist only in E2B's cloud: the local host answers them 501, naming the feature.
 
-Template builds (the host runs one built-in template), volumes, secrets and metrics have no local
-counterpart. The SDK turns the answer into a SandboxException carrying this message.
+Template builds (the host runs one built-in template), volumes, secrets, metrics and the platform's
+sandbox logs have no local counterpart. The SDK turns the answer into a SandboxException carrying this message.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ CLOUD_ONLY = (
     (re.compile(r"^/secrets(/|$)"), "secrets"),
     (re.compile(r"^/sandboxes/metrics$"), "sandbox metrics"),
     (re.compile(r"^/sandboxes/[^/]+/metrics$"), "sandbox metrics"),
+    (re.compile(r"^(/v2)?/sandboxes/[^/]+/logs$"), "sandbox logs"),
 )
 
 

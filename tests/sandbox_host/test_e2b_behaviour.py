@@ -5,6 +5,8 @@ table in sandbox_host/README.md points here."""
 from __future__ import annotations
 
 import asyncio
+import io
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +25,8 @@ from e2b.exceptions import SandboxException, SandboxNotRunningException
 from packaging.version import Version
 
 from sandbox_host.config import ENVD_VERSION
-from sandbox_host.testing import RunningHost
+from sandbox_host.isolation import ROOTLESS
+from sandbox_host.testing import RunningHost, running_host, unused_uid
 from tests.helpers.sandboxes import sandbox
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -119,6 +122,25 @@ async def test_stream_input_to_a_command(sdk):
                 await stream.send(part)
         await eventually(lambda: handle.stdout == "one two three\n", what="cat echoing the streamed input")
         await handle.kill()
+
+
+async def test_stdin_and_upload_encodings(sdk):
+    async with sandbox(sdk) as sb:
+        handle = await sb.commands.run("cat", background=True, stdin=True)
+        await sb.commands.send_stdin(handle.pid, "line one\n")
+        await handle.send_stdin("line two\n")
+        await handle.close_stdin()
+        assert (await handle.wait()).stdout == "line one\nline two\n"
+        await sb.files.write("/home/user/gz.txt", "gzipped upload", gzip=True)
+        await sb.files.write("/home/user/stream.bin", io.BytesIO(b"\0" * 100_000), use_octet_stream=True)
+        assert await sb.files.read("/home/user/gz.txt") == "gzipped upload"
+        assert (await sb.files.get_info("/home/user/stream.bin")).size == 100_000
+
+
+async def test_every_command_runs_as_the_sandbox_user(sdk):
+    """Documented difference: there is no root in a local sandbox; `user="root"` runs as `user`."""
+    async with sandbox(sdk) as sb:
+        assert (await sb.commands.run("id -un; id -u", user="root")).stdout == "user\n1000\n"
 
 
 # ------------------------------------------------------------------------------------ watch
@@ -365,6 +387,9 @@ async def test_cloud_only_features_answer_501_naming_the_feature(sdk, host: Runn
         ("POST", "/volumes"): "volumes",
         ("GET", "/secrets"): "secrets",
         ("GET", "/sandboxes/metrics"): "sandbox metrics",
+        ("GET", "/sandboxes/some-id/metrics"): "sandbox metrics",
+        ("GET", "/v2/sandboxes/some-id/logs"): "sandbox logs",
+        ("GET", "/sandboxes/some-id/logs"): "sandbox logs",
     }
     async with httpx.AsyncClient(base_url=host.url, headers={"X-API-Key": host.api_key}) as client:
         for (method, path), feature in cases.items():
@@ -375,3 +400,24 @@ async def test_cloud_only_features_answer_501_naming_the_feature(sdk, host: Runn
     async with sandbox(sdk) as sb:
         with pytest.raises(SandboxException, match="sandbox metrics"):
             await sb.get_metrics()
+
+
+# ------------------------------------------------------------------------------------ rootless mode
+async def test_pty_watch_and_metadata_in_rootless_mode(tmp_path):
+    """The same behaviour where sandboxes have no uid of their own (an unprivileged host)."""
+    run_as = unused_uid() if os.geteuid() == 0 else None
+    async with running_host(tmp_path, run_as=run_as) as host:
+        assert (await host.health())["mode"] == ROOTLESS
+        async with sandbox(host.sdk_options()) as sb:
+            output = bytearray()
+            pty = await sb.pty.create(PtySize(rows=12, cols=34), on_data=output.extend, timeout=0)
+            await sb.pty.send_stdin(pty.pid, b"stty size; id -u\n")
+            await eventually(lambda: b"12 34" in output and b"1000" in output, what="rootless PTY output")
+            events = []
+            watch = await sb.files.watch_dir("/home/user", events.append, include_entry=True, timeout=0)
+            info = await sb.files.write("/home/user/r.txt", "r", metadata={"mode": "rootless"})
+            assert info.metadata == {"mode": "rootless"}
+            await eventually(lambda: any(e.name == "r.txt" for e in events), what="a rootless watch event")
+            await watch.stop()
+            assert (await sb.files.get_info("/home/user/r.txt")).metadata == {"mode": "rootless"}
+            assert await sb.pty.kill(pty.pid) is True
