@@ -20,8 +20,9 @@ from e2b import (
     FileType,
     PtySize,
     Sandbox,
+    WatchHandle,
 )
-from e2b.exceptions import SandboxException, SandboxNotRunningException
+from e2b.exceptions import NotFoundException, SandboxException, SandboxNotRunningException
 from packaging.version import Version
 
 from sandbox_host.config import ENVD_VERSION
@@ -201,6 +202,15 @@ async def test_watch_dir_sync_polls_and_is_not_recursive_by_default(sdk):
             time.sleep(0.3)
             events += watcher.get_new_events()
             again = watcher.get_new_events()  # fetched events are gone
+            # Another sandbox's client cannot read this sandbox's watcher, even knowing its id.
+            other = sync_sandbox(sdk)
+            try:
+                files = other.files
+                foreign = WatchHandle(files._rpc, watcher._watcher_id, files._connection_config, files._envd_version)
+                with pytest.raises(NotFoundException):
+                    foreign.get_new_events()
+            finally:
+                other.kill()
             watcher.stop()
             try:
                 watcher.get_new_events()
@@ -332,11 +342,16 @@ async def test_a_killed_command_ends_as_envd_ends_it(sdk):
     async with sandbox(sdk) as sb:
         handle = await sb.commands.run("echo started; sleep 30", background=True)
         await eventually(lambda: handle.stdout == "started\n", what="the command's output")
+        attached = await sb.commands.connect(handle.pid)  # a second stream of the running command
         assert await handle.kill() is True
         with pytest.raises(CommandExitException) as killed:
             await handle.wait()
         assert killed.value.exit_code == -1 and killed.value.error == "signal: killed"
         assert killed.value.stdout == "started\n"
+        with pytest.raises(CommandExitException) as seen_by_the_other:
+            await attached.wait()
+        assert seen_by_the_other.value.exit_code == -1
+        assert await sb.commands.kill(handle.pid) is False  # gone
         with pytest.raises(CommandExitException) as failed:
             await sb.commands.run("exit 3")
         assert failed.value.exit_code == 3 and failed.value.error == "exit status 3"
