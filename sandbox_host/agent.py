@@ -234,7 +234,8 @@ class Proc:
         self.end: dict | None = None
         self.ended = asyncio.Event()
         self.deadline_exceeded = False
-        self.pty_master: int | None = None  # the PTY's master side, for a PTY session
+        self.is_pty = False
+        self.pty_master: int | None = None  # the PTY's master side while the session runs
 
     async def publish(self, event: dict) -> None:
         for queue in list(self.subscribers):
@@ -376,7 +377,7 @@ class Agent:
         proc = Proc(
             process, {"cmd": cmd, "args": args, "envs": req.get("envs") or {}, "cwd": cwd_virtual}, req.get("tag")
         )
-        proc.pty_master = master
+        proc.is_pty, proc.pty_master = master is not None, master
         self.procs[proc.pid] = proc
         self.sessions.add(proc.pid)
         queue: asyncio.Queue = asyncio.Queue(OUTPUT_QUEUE_SIZE)
@@ -449,8 +450,10 @@ class Agent:
         code = await proc.proc.wait()
         await asyncio.wait(pumps, timeout=PIPE_DRAIN_S)
         if transport is not None:
+            # Forget the master before closing it: its number may be reused at once.
+            master, proc.pty_master = proc.pty_master, None
             transport.close()
-            os.close(proc.pty_master)
+            os.close(master)
         if code < 0:
             # Go's ProcessState.String(): "signal: killed", "signal: terminated", ...
             described = signal.strsignal(-code) or f"signal {-code}"
@@ -480,14 +483,14 @@ class Agent:
         proc = self._select(req)
         data = base64.b64decode(req.get("data") or "")
         if req.get("pty"):
-            if proc.pty_master is None:
+            if not proc.is_pty:
                 raise AgentError(
                     "invalid_argument",
                     "tty not assigned to process — input should be written to the stdin, not the tty",
                 )
-            await _write_fd(proc.pty_master, data)
+            await _write_pty(proc, data)
         else:
-            if proc.pty_master is not None:
+            if proc.is_pty:
                 raise AgentError(
                     "invalid_argument", "tty assigned to process — input should be written to the pty, not the stdin"
                 )
@@ -499,7 +502,7 @@ class Agent:
 
     async def op_close_stdin(self, req, reader, writer):
         proc = self._select(req)
-        if proc.pty_master is not None:
+        if proc.is_pty:
             raise AgentError("invalid_argument", "cannot close stdin for PTY process — send Ctrl+D (0x04) instead")
         if proc.proc.stdin is not None:
             proc.proc.stdin.close()
@@ -507,8 +510,10 @@ class Agent:
 
     async def op_resize(self, req, reader, writer):
         proc = self._select(req)
-        if proc.pty_master is None:
+        if not proc.is_pty:
             raise AgentError("invalid_argument", "tty not assigned to process")
+        if proc.pty_master is None:
+            raise AgentError("not_found", "process not found")
         _set_winsize(proc.pty_master, int(req.get("rows") or 0), int(req.get("cols") or 0))
         await self._reply(writer, {"ok": True})
 
@@ -793,12 +798,14 @@ def _on_network_mount(path: str) -> bool:
     return fs_type.split(".")[0] in NETWORK_FS_TYPES
 
 
-async def _write_fd(fd: int, data: bytes) -> None:
-    """Write all of data to a non-blocking descriptor (a PTY's master)."""
+async def _write_pty(proc: Proc, data: bytes) -> None:
+    """Write all of data to a PTY's (non-blocking) master, unless the session ends meanwhile."""
     view = memoryview(data)
     while view:
+        if proc.end is not None or proc.pty_master is None:
+            raise AgentError("not_found", "process not found")
         try:
-            view = view[os.write(fd, view) :]
+            view = view[os.write(proc.pty_master, view) :]
         except BlockingIOError:
             await asyncio.sleep(0.01)
 

@@ -358,6 +358,8 @@ class ProcessService(_Services, process_connect.Process):
 
 # ---------------------------------------------------------------------------------------- filesystem
 MAX_WATCHERS_PER_SANDBOX = 64
+# A polling watcher nobody polls must not grow without bound in the host's memory.
+MAX_UNREAD_EVENTS = 65536
 _EVENT_TYPES = {
     "create": filesystem_pb.EventType.CREATE,
     "write": filesystem_pb.EventType.WRITE,
@@ -387,6 +389,12 @@ class _Watcher:
     async def _collect(self) -> None:
         try:
             while (message := await self.stream.read_message()) is not None:
+                if len(self.events) >= MAX_UNREAD_EVENTS:
+                    self.error = ConnectError(
+                        Code.RESOURCE_EXHAUSTED, f"watcher error: more than {MAX_UNREAD_EVENTS} unread events"
+                    )
+                    await self.stream.close()
+                    return
                 self.events.append(_fs_event(message))
             self.error = ConnectError(Code.INTERNAL, "watcher event channel closed")
         except AgentCallError as exc:

@@ -70,6 +70,8 @@ async def test_pty_create_input_resize_connect_kill(sdk):
         await eventually(lambda: b"PTY_42" in output and b"24 80" in output, what="PTY output")
         assert b"/dev/pts/" in output
         assert b"no job control" not in output  # the shell has a controlling terminal
+        with pytest.raises(SandboxException, match="tty assigned to process"):
+            await sb.commands.send_stdin(handle.pid, "stdin is not the terminal\n")
         await sb.pty.resize(handle.pid, PtySize(rows=30, cols=100))
         await sb.pty.send_stdin(handle.pid, b"stty size\n")
         await eventually(lambda: b"30 100" in output, what="the new size")
