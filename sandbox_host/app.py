@@ -11,10 +11,7 @@ the host does not know gets 421 and nothing is forwarded.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import hmac
-import time
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -22,6 +19,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from genloop.http import HostNames
 from sandbox_host import envd
+from sandbox_host.cloud import cloud_only_feature, cloud_only_message
 from sandbox_host.config import HostConfig
 from sandbox_host.control import ControlPlane
 from sandbox_host.preview import PreviewProxy, parse_preview_host
@@ -33,23 +31,6 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return value.decode("latin-1")
     return None
-
-
-def _signature_valid(request: Request, operation: str, token: str) -> bool:
-    """The SDK's v1 signed file URLs (e2b/sandbox/signature.py), for download_url/upload_url."""
-    params = request.query_params
-    signature = params.get("signature")
-    if not signature:
-        return False
-    path, user, expiration = params.get("path", ""), params.get("username", ""), params.get("signature_expiration")
-    if expiration is not None:
-        if not expiration.isdigit() or int(expiration) < time.time():
-            return False
-        raw = f"{path}:{operation}:{user}:{token}:{expiration}"
-    else:
-        raw = f"{path}:{operation}:{user}:{token}"
-    expected = "v1_" + base64.b64encode(hashlib.sha256(raw.encode()).digest()).rstrip(b"=").decode()
-    return hmac.compare_digest(signature, expected)
 
 
 class _LimitedReceive:
@@ -94,6 +75,12 @@ class HostApp:
             await self.preview(scope, receive, send, *preview)
             return
         sandbox_id = _header(scope, b"e2b-sandbox-id")
+        if sandbox_id is None and scope["path"] == "/files" and "signature=" in scope["query_string"].decode("latin-1"):
+            # A signed file URL of the SDK in sandbox_url mode: its signature names the sandbox.
+            sandbox_id = envd.signed_sandbox_id(self.manager, Request(scope).query_params, scope["method"])
+            if sandbox_id is None:
+                await envd.error_response(401, "invalid signature")(scope, receive, send)
+                return
         if sandbox_id is not None:
             await self._envd(scope, receive, send, sandbox_id)
             return
@@ -105,19 +92,25 @@ class HostApp:
         if not self._api_key_ok(_header(scope, b"x-api-key")):
             await envd.error_response(401, "invalid or missing API key (X-API-Key)")(scope, receive, send)
             return
+        if (feature := cloud_only_feature(scope["path"])) is not None:
+            await envd.error_response(501, cloud_only_message(feature))(scope, receive, send)
+            return
         await self.control(scope, receive, send)
 
     def _api_key_ok(self, presented: str | None) -> bool:
         return bool(presented) and hmac.compare_digest(presented.encode(), self.api_key)
 
-    def _access_ok(self, scope: Scope, request: Request, sandbox: Sandbox) -> bool:
+    def _access_error(self, scope: Scope, request: Request, sandbox: Sandbox) -> str | None:
+        """None when the request may use this sandbox's envd; otherwise why not (envd's wording)."""
         token = sandbox.record.access_token
         presented = _header(scope, b"x-access-token")
         if presented is not None:
-            return hmac.compare_digest(presented.encode(), token.encode())
-        if scope["path"] == "/files":
-            return _signature_valid(request, "read" if scope["method"] == "GET" else "write", token)
-        return False
+            if hmac.compare_digest(presented.encode(), token.encode()):
+                return None
+            return "invalid or missing access token (X-Access-Token)"
+        if scope["path"] == "/files":  # the SDK's signed download_url/upload_url
+            return envd.signature_error(request.query_params, scope["method"], token)
+        return "invalid or missing access token (X-Access-Token)"
 
     async def _envd(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str) -> None:
         sandbox = self.manager.get(sandbox_id)
@@ -125,8 +118,8 @@ class HostApp:
             await envd.sandbox_gone_response(sandbox_id)(scope, receive, send)
             return
         request = Request(scope, receive)
-        if not self._access_ok(scope, request, sandbox):
-            await envd.error_response(401, "invalid or missing access token (X-Access-Token)")(scope, receive, send)
+        if (denied := self._access_error(scope, request, sandbox)) is not None:
+            await envd.error_response(401, denied)(scope, receive, send)
             return
         path, method = scope["path"], scope["method"]
         if path == "/health" and method == "GET":

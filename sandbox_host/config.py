@@ -13,9 +13,10 @@ from pathlib import Path
 from genloop.settings import ConfigError, Settings
 from sandbox_host.isolation import Limits, host_mode
 
-# The envd version the host claims: enables octet-stream uploads (0.5.7) and everything before it,
-# but not file metadata (0.6.2) or watch options the agent does not implement.
-ENVD_VERSION = "0.5.7"
+# The envd version the host claims, the newest whose every SDK gate (e2b/envd/versions.py) it
+# implements: octet-stream uploads (0.5.7), file metadata (0.6.2), entry info in watch events (0.6.3)
+# and allow_network_mounts (0.6.4).
+ENVD_VERSION = "0.6.4"
 TEMPLATE_ALIAS = "base"
 
 
