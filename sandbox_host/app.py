@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import Message, Receive, Scope, Send
 
-from genloop.http import HostNames
+from genloop.http import HostNames, host_name, is_localhost_name
 from sandbox_host import envd
 from sandbox_host.config import HostConfig
 from sandbox_host.control import ControlPlane
@@ -74,7 +74,8 @@ class HostApp:
         self.config = config
         assert config.api_key, "HostConfig.with_api_key() first: the control plane always requires a key"
         self.api_key = config.api_key.encode()
-        self.host_names = HostNames(config.host, config.public_hosts, localhost_subdomains=True)
+        preview_names = [] if is_localhost_name(host_name(config.preview_domain)) else [f"*.{config.preview_domain}"]
+        self.host_names = HostNames(config.host, [*config.public_hosts, *preview_names], localhost_subdomains=True)
         self.control = ControlPlane(manager, config).app()
         self.preview = PreviewProxy(manager, config.max_preview_connections)
         self.connect_apps = envd.build_connect_apps(manager)

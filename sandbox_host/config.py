@@ -27,6 +27,7 @@ class HostConfig:
     api_key: str | None  # None until `with_api_key()`: then the configured or the generated key
     key_file: Path
     public_hosts: tuple[str, ...]
+    preview_domain: str  # `name[:port]` previews are reached under (`{port}-{id}.{preview_domain}`)
     default_timeout_s: int
     max_timeout_s: int
     max_sandboxes: int
@@ -48,6 +49,7 @@ class HostConfig:
             api_key=section.api_key.get_secret_value() or None,
             key_file=settings.sandbox_host_key_file,
             public_hosts=tuple(section.public_hosts),
+            preview_domain=section.preview_domain or f"localhost:{section.port}",
             default_timeout_s=section.default_timeout_s,
             max_timeout_s=section.max_timeout_s,
             max_sandboxes=section.max_sandboxes,
