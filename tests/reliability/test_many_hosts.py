@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 import uuid
 from collections import Counter
@@ -28,7 +29,7 @@ from activities.sandbox import SandboxClient, SandboxConfig
 from genloop.http import preview_client
 from sandbox_host.testing import running_host
 from tests.api.conftest import running_api
-from tests.reliability.harness import ServiceProcess, Stack, wait_until
+from tests.reliability.harness import ServiceProcess, Stack, run_command, wait_until
 from workflows.build import HOST_ROUTED
 from workflows.types import BuildResult
 
@@ -132,6 +133,8 @@ async def machines(private_stack, tmp_path):
 
 async def test_two_hosts_three_workers_two_apis_survive_losing_a_machine(machines, temporal_env, tmp_path):
     m, stack = machines, machines.stack
+    code, out = await run_command([sys.executable, "-m", "genloop.cli", "migrate"], env=stack.service_env())
+    assert code == 0, out  # as a release would run it (the database is at head already: a no-op)
     w1, w2 = await m.start_worker("a"), await m.start_worker("a")
     w3 = await m.start_worker("b")
     apis = []
