@@ -101,6 +101,9 @@ class SandboxHostSettings(_Section):
     api_key: SecretStr = SecretStr("")
     # Host header names served besides loopback ones and *.localhost (DNS-rebinding protection).
     public_hosts: list[str] = Field(default_factory=list)
+    # Where other machines reach this host's previews, `name[:port]`: a sandbox's port is then
+    # `{port}-{sandbox id}.{preview_domain}` (needs wildcard DNS). Empty: `localhost:{port}`, this machine only.
+    preview_domain: str = ""
     default_timeout_s: int = Field(300, ge=1)
     max_timeout_s: int = Field(86400, ge=1)
     max_sandboxes: int = Field(200, ge=1)
@@ -115,6 +118,9 @@ class SandboxHostSettings(_Section):
     max_preview_connections: int = Field(512, ge=1)
     # CIDRs sandboxes may reach although egress denies them (a package mirror on the LAN); never loopback.
     egress_allowed_networks: list[str] = Field(default_factory=list)
+    # The host's stable id (GET /health, the worker's `<task_queue>@<host_id>`); empty: generated once
+    # into state_dir/host-id and kept across restarts.
+    host_id: str = Field("", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$|^$")
 
     @field_validator("egress_allowed_networks")
     @classmethod

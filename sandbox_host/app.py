@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import Message, Receive, Scope, Send
 
-from genloop.http import HostNames
+from genloop.http import HostNames, host_name, is_localhost_name
 from sandbox_host import envd
 from sandbox_host.cloud import cloud_only_feature, cloud_only_message
 from sandbox_host.config import HostConfig
@@ -55,7 +55,8 @@ class HostApp:
         self.config = config
         assert config.api_key, "HostConfig.with_api_key() first: the control plane always requires a key"
         self.api_key = config.api_key.encode()
-        self.host_names = HostNames(config.host, config.public_hosts, localhost_subdomains=True)
+        preview_names = [] if is_localhost_name(host_name(config.preview_domain)) else [f"*.{config.preview_domain}"]
+        self.host_names = HostNames(config.host, [*config.public_hosts, *preview_names], localhost_subdomains=True)
         self.control = ControlPlane(manager, config).app()
         self.preview = PreviewProxy(manager, config.max_preview_connections)
         self.connect_apps = envd.build_connect_apps(manager)
@@ -85,9 +86,13 @@ class HostApp:
             await self._envd(scope, receive, send, sandbox_id)
             return
         if scope["path"] == "/health":  # readiness, no secrets involved
-            await JSONResponse({"status": "ok", "isolated": self.config.isolated, "mode": self.config.mode})(
-                scope, receive, send
-            )
+            health = {
+                "status": "ok",
+                "isolated": self.config.isolated,
+                "mode": self.config.mode,
+                "host_id": self.config.host_id,
+            }
+            await JSONResponse(health)(scope, receive, send)
             return
         if not self._api_key_ok(_header(scope, b"x-api-key")):
             await envd.error_response(401, "invalid or missing API key (X-API-Key)")(scope, receive, send)

@@ -36,7 +36,7 @@ class ControlPlane:
     def __init__(self, manager: SandboxManager, config: HostConfig):
         self.manager = manager
         self.config = config
-        self.domain = f"localhost:{config.port}"
+        self.domain = config.preview_domain
 
     # ------------------------------------------------------------------ bodies
     def _created(self, record: SandboxRecord) -> dict[str, Any]:
