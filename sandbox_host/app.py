@@ -38,15 +38,28 @@ class _LimitedReceive:
 
     def __init__(self, receive: Receive, limit: int):
         self._receive = receive
-        self._remaining = limit
+        self._limit = self._remaining = limit
+        self.body_done = False
 
     async def __call__(self) -> Message:
         message = await self._receive()
         if message["type"] == "http.request":
+            self.body_done = not message.get("more_body", False)
             self._remaining -= len(message.get("body", b""))
             if self._remaining < 0:
                 raise envd.UploadTooLarge()
+        else:
+            self.body_done = True
         return message
+
+    async def drain(self) -> None:
+        """Read (and drop) what is left of a refused upload, up to a few times the limit, so the
+        client reads the 413 instead of a connection reset while it is still sending."""
+        budget = 4 * self._limit
+        while not self.body_done and budget > 0:
+            message = await self._receive()
+            budget -= len(message.get("body", b""))
+            self.body_done = message["type"] != "http.request" or not message.get("more_body", False)
 
 
 class HostApp:
@@ -132,11 +145,13 @@ class HostApp:
         elif path == "/files" and method == "GET":
             response = await envd.read_file(request, sandbox)
         elif path == "/files" and method == "POST":
-            limited = Request(scope, _LimitedReceive(receive, self.config.max_upload_bytes))
+            limited = _LimitedReceive(receive, self.config.max_upload_bytes)
             try:
-                response = await envd.write_files(limited, sandbox, self.config.max_upload_bytes)
+                response = await envd.write_files(Request(scope, limited), sandbox, self.config.max_upload_bytes)
             except envd.UploadTooLarge:
                 response = envd.error_response(413, f"upload exceeds the limit of {self.config.max_upload_bytes} bytes")
+            if response.status_code == 413:
+                await limited.drain()
         else:
             app = next((a for prefix, a in self.connect_apps.items() if path.startswith(prefix)), None)
             if app is None:
