@@ -189,6 +189,23 @@ class FailedEvent(StageEvent):
     debug_id: str | None
 
 
+class LogEvent(_Out):
+    """`data` of the `build.log` event; also one line of `GET /v1/builds/{id}/logs`."""
+
+    seq: int = Field(ge=1, description="The line's number in the build's log (the `after` cursor).")
+    stage: Stage
+    attempt: int = Field(ge=0, description="The fix attempt that wrote it (0: the first try).")
+    stream: str = Field(description="`stdout`, `stderr`, or `system` (what genloop itself says).")
+    text: str = Field(description="The line, secrets redacted, control characters escaped as \\xNN.")
+    at: datetime
+
+
+class LogPage(_Out):
+    lines: list[LogEvent]
+    next_after: int = Field(description="Pass as `after` to read on (the last line's seq; `after` when empty).")
+    truncated: bool = Field(description="The build's log reached its cap; later output was dropped.")
+
+
 class EditedPath(_Out):
     path: str
     op: Literal["write", "delete"]
@@ -335,5 +352,5 @@ class ErrorBody(_Out):
 
 RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     BuildRef, BuildDetail, BuildPage, Health, ErrorBody, StageEvent, ReadyEvent, FailedEvent, FileList, ProjectView,
-    PreviewOut,
+    PreviewOut, LogEvent, LogPage,
 )

@@ -428,7 +428,7 @@ class JobRepository:
                     continue
                 size = len(line.text.encode())
                 if job.log_bytes + size > cap_bytes:
-                    text = f"[genloop] log truncated: this build reached its {cap_bytes}-byte log cap; later output dropped"
+                    text = f"[genloop] log truncated: the build reached its {cap_bytes}-byte log cap; later output dropped"
                     line = LogLine(line.stage, line.attempt, "system", TRUNCATED_SOURCE, 0, text, line.at)
                     size, truncated = cap_bytes - job.log_bytes + len(text.encode()), True
                 job.log_seq += 1
@@ -452,6 +452,13 @@ class JobRepository:
                 return list(reversed((await session.execute(newest)).scalars().all()))
             query = query.order_by(BuildLog.seq).limit(min(limit, MAX_LOG_PAGE))
             return list((await session.execute(query)).scalars())
+
+    async def log_truncated(self, build_id: str) -> bool:
+        async with self._read() as session:
+            query = select(BuildLog.seq).where(
+                BuildLog.build_id == build_id, BuildLog.source == TRUNCATED_SOURCE, BuildLog.line_no == 0
+            )
+            return (await session.execute(query)).first() is not None
 
     async def logs_after(self, cursors: dict[str, int], *, limit: int = 2000) -> dict[str, list[BuildLog]]:
         """For each build id, up to `limit` lines with seq > its cursor (the event feed's tick)."""
