@@ -54,6 +54,8 @@ STATUS_EVERY_S = 2.0  # how often a runner's progress reaches the build's status
 INSTALL_TIMEOUT_S = 900
 HEALTH_DEADLINE_S = 60.0
 HEALTH_POLL_S = 0.025  # loopback probes are cheap; this bounds time-to-preview
+DRAIN_QUIET_S = 0.1  # READY: the app's output still arriving until this long without any...
+DRAIN_MAX_S = 2.0  # ...or this long at most, goes to the build's log (later output: logs?follow=app)
 FAILURE_TAIL_CHARS = 8000  # what the fix loop may show the runner of a failing command's output
 DETAIL_TAIL_CHARS = 2000  # what error_detail keeps of it
 APP_PIDFILE = ".genloop-app.pid"
@@ -378,7 +380,8 @@ class BuildActivities:
         """A log sink for this activity: the build's current fix attempt numbers its lines, and a
         retried activity says so once (its replayed output is not stored twice, see activities.logs)."""
         job = await self.repo.get(build_id)
-        sink = LogSink(self.repo, build_id, stage.value, job.attempt if job is not None else 0, self.logs)
+        # Numbered as the API numbers attempts (1: the first try; record_attempt moves the job on).
+        sink = LogSink(self.repo, build_id, stage.value, max(job.attempt if job is not None else 0, 1), self.logs)
         with contextlib.suppress(RuntimeError):  # outside an activity (unit tests)
             if (n := activity.info().attempt) > 1:
                 sink.line(f"[genloop] this step is running again (try {n}); output stored before is not repeated",
@@ -527,14 +530,17 @@ class BuildActivities:
         output: list[str] = []
         # The app's output goes to the fix loop (the tail, on failure) and to the build's log.
         to_log = {stream: sink.writer("app", stream) for stream in ("stdout", "stderr")}
+        last_output = [0.0]
 
         def on_stdout(chunk: str) -> None:
             output.append(chunk)
             to_log["stdout"](chunk)
+            last_output[0] = time.monotonic()
 
         def on_stderr(chunk: str) -> None:
             output.append(chunk)
             to_log["stderr"](chunk)
+            last_output[0] = time.monotonic()
 
         sink.line(f"$ {web_cmd}", command="app")
         # The pidfile makes a retried start replace, not race, the previous attempt's process.
@@ -546,7 +552,8 @@ class BuildActivities:
             launch,
             background=True,
             cwd=inp.workspace_path,
-            envs={"PORT": str(self.app_port)},
+            # Unbuffered: a Python app's prints reach the build's log as they happen, not at exit.
+            envs={"PORT": str(self.app_port), "PYTHONUNBUFFERED": "1"},
             timeout=0,  # a server: the SDK's default 60 s deadline would kill it
             on_stdout=on_stdout,
             on_stderr=on_stderr,
@@ -558,6 +565,11 @@ class BuildActivities:
                 if exited.done():
                     break
                 if await _healthy(http, preview_url):
+                    # What the app printed before it answered may still be on its way: take it
+                    # while it keeps coming (bounded). A quiet app costs nothing here.
+                    drain_until = time.monotonic() + DRAIN_MAX_S
+                    while time.monotonic() - last_output[0] < DRAIN_QUIET_S and time.monotonic() < drain_until:
+                        await asyncio.sleep(DRAIN_QUIET_S / 2)
                     await handle.disconnect()
                     sink.line(f"the app answers /health on port {self.app_port}", command="app")
                     return ChecksResult(preview_url=preview_url, port=self.app_port)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 from dataclasses import dataclass
 
@@ -36,7 +37,7 @@ ERROR_BACKOFF_S = 1.0
 HEARTBEAT_S = 15.0
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 LOG_PAGE = 2000  # log lines read per build per tick
-MAX_QUEUED = 2000  # events waiting for one subscriber before the feed stops feeding it
+MAX_QUEUED = 500  # events waiting for one subscriber before the feed stops feeding it
 
 _EVENT_NAMES = {Stage.READY: "build.ready", Stage.FAILED: "build.failed", Stage.CANCELLED: "build.cancelled"}
 
@@ -203,8 +204,11 @@ class TransitionFeed:
             job = await self._repo.get(build_id) if any(Stage(r.stage).terminal for r in rows) else None
             events = [encode_event(row, job) for row in rows]
             if logs:
-                # Lines and stages by time; a terminal event always last (it ends the stream).
-                events = sorted([*events, *(encode_log(line) for line in logs)], key=lambda e: (e.terminal, e.at))
+                # Lines and stages by time, each kind kept in seq order (a worker's clock and the
+                # database's need not agree); a terminal event always last (it ends the stream).
+                stages = [e for e in events if not e.terminal]
+                merged = heapq.merge(stages, (encode_log(line) for line in logs), key=lambda e: e.at)
+                events = [*merged, *(e for e in events if e.terminal)]
             for sub in self._subscribers.get(build_id, ()):
                 # A subscriber that joined during the query with an older cursor is not covered by
                 # these rows; the next tick queries from its cursor.

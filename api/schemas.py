@@ -194,7 +194,7 @@ class LogEvent(_Out):
 
     seq: int = Field(ge=1, description="The line's number in the build's log (the `after` cursor).")
     stage: Stage
-    attempt: int = Field(ge=0, description="The fix attempt that wrote it (0: the first try).")
+    attempt: int = Field(ge=0, description="The build's attempt that wrote it (1: the first try, 2: the first fix).")
     stream: str = Field(description="`stdout`, `stderr`, or `system` (what genloop itself says).")
     text: str = Field(description="The line, secrets redacted, control characters escaped as \\xNN.")
     at: datetime
