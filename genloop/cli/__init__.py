@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("build_id")
         if name == "cancel":
             c.add_argument("--reason", default="cancelled from the CLI")
+    lg = sub.add_parser("logs", help="a build's log: runner, install and app output")
+    lg.add_argument("build_id")
+    lg.add_argument("-f", "--follow", action="store_true",
+                    help="keep printing new lines; after READY, the running app's output (Ctrl-C stops)")
+    lg.add_argument("--stage", choices=["code", "deps", "checks"], help="only this stage's lines")
     ls = sub.add_parser("list", help="list a project's builds, newest first")
     ls.add_argument("--project", required=True)
     ls.add_argument("--limit", type=int, default=20)
@@ -65,8 +70,8 @@ def _parser() -> argparse.ArgumentParser:
 
 _COMMANDS = {
     "up": services.cmd_up, "worker": services.cmd_worker, "migrate": ops.cmd_migrate, "build": client.cmd_build,
-    "status": client.cmd_status, "cancel": client.cmd_cancel, "list": client.cmd_list, "debug": ops.cmd_debug,
-    "replay": ops.cmd_replay, "sweep": ops.cmd_sweep, **versions.COMMANDS,
+    "status": client.cmd_status, "cancel": client.cmd_cancel, "list": client.cmd_list, "logs": client.cmd_logs,
+    "debug": ops.cmd_debug, "replay": ops.cmd_replay, "sweep": ops.cmd_sweep, **versions.COMMANDS,
 }
 
 

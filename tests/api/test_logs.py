@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import sys
 import uuid
 
 import httpx
@@ -15,8 +17,9 @@ import psutil
 import pytest
 
 from activities.logs import LogPolicy
+from genloop.cli.client import EXIT_FAILED, follow_build
 from persistence.repository import TRUNCATED_SOURCE
-from tests.api.conftest import SQLITE_ONLY
+from tests.api.conftest import REPO_ROOT, SQLITE_ONLY, api_env
 from tests.api.sse import Event, read_events
 from tests.helpers.doubles import LOG_SECRET, CrashingAppRunnerDouble, LoggingAppRunnerDouble
 from tests.workflows.conftest import make_stack
@@ -265,3 +268,39 @@ async def test_200_sse_clients_on_one_build_each_get_every_line(api, http, tempo
         assert [e.data["seq"] for e in events if e.name == "build.log"] == stored
     print(f"\nAPI memory with {clients} SSE clients on one build ({len(stored)} lines): "
           f"rss before {rss_before / 2**20:.0f} MiB, peak {peak[0] / 2**20:.0f} MiB")
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@SQLITE_ONLY
+async def test_cli_follows_with_progress_and_shows_the_last_lines_of_a_failure(
+    api, http, temporal_client, sandbox_host, repo
+):
+    async with log_stack(temporal_client, sandbox_host, repo) as stack:
+        handle = await stack.start("an app that crashes", runner="crashing-app")
+        await asyncio.wait_for(_until_exists(http, handle.id), 60)
+        piped, terminal = io.StringIO(), _Terminal()
+        codes = await asyncio.gather(follow_build(http, handle.id, piped), follow_build(http, handle.id, terminal))
+    assert codes == [EXIT_FAILED, EXIT_FAILED]
+    for out in (piped, terminal):
+        text = out.getvalue()
+        assert "Build failed: " in text and "debug_id: " in text
+        tail = text.split("log lines (genloop logs", 1)[1].splitlines()[1:]
+        assert any(CrashingAppRunnerDouble.ERROR in line for line in tail)
+        assert len([line for line in tail if line.startswith("  [")]) <= 30
+    assert "\r" not in piped.getvalue() and "  Checking the app...\n" in piped.getvalue()
+    assert "\r\x1b[K  Checking the app..." in terminal.getvalue()
+
+    env = {**api_env(), "GENLOOP_API_HOST": "127.0.0.1", "GENLOOP_API_PORT": api.url.rsplit(":", 1)[1],
+           "GENLOOP_API_TOKEN": api.token}
+    for argv, code in ((["logs", handle.id], 0), (["logs", handle.id, "-f", "--stage", "checks"], EXIT_FAILED)):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "genloop.cli", *argv, cwd=REPO_ROOT, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == code, err.decode()
+        assert f"checks! {CrashingAppRunnerDouble.ERROR}" in out.decode()
