@@ -54,8 +54,11 @@ STATUS_EVERY_S = 2.0  # how often a runner's progress reaches the build's status
 INSTALL_TIMEOUT_S = 900
 HEALTH_DEADLINE_S = 60.0
 HEALTH_POLL_S = 0.025  # loopback probes are cheap; this bounds time-to-preview
-DRAIN_QUIET_S = 0.1  # READY: the app's output still arriving until this long without any...
-DRAIN_MAX_S = 2.0  # ...or this long at most, goes to the build's log (later output: logs?follow=app)
+# READY: the app's output still arriving until this long without any, or DRAIN_MAX_S at most, goes
+# to the build's log (later output: logs?follow=app). An app that printed nothing waits not at all;
+# one that prints as it binds waits up to DRAIN_QUIET_S (shorter windows lost lines under load).
+DRAIN_QUIET_S = 0.2
+DRAIN_MAX_S = 3.0
 FAILURE_TAIL_CHARS = 8000  # what the fix loop may show the runner of a failing command's output
 DETAIL_TAIL_CHARS = 2000  # what error_detail keeps of it
 APP_PIDFILE = ".genloop-app.pid"

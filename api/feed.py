@@ -262,10 +262,21 @@ class EventStreamResponse(Response):
                 # Keeps proxies from timing the connection out and reveals dead clients.
                 await send({"type": "http.response.body", "body": b": heartbeat\n\n", "more_body": True})
                 continue
-            await send({"type": "http.response.body", "body": event.frame, "more_body": True})
-            if (event.event if isinstance(event, Delivery) else event).terminal:
+            # Whatever else is queued goes in the same write: one send per event would cap a chatty
+            # build's stream at what the event loop can do in sends, not in bytes.
+            frames, terminal = [event.frame], _terminal(event)
+            while not terminal and not sub.queue.empty() and len(frames) < 500:
+                event = sub.queue.get_nowait()
+                frames.append(event.frame)
+                terminal = _terminal(event)
+            await send({"type": "http.response.body", "body": b"".join(frames), "more_body": True})
+            if terminal:
                 break
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _terminal(event: BuildEvent | Delivery) -> bool:
+    return (event.event if isinstance(event, Delivery) else event).terminal
 
 
 async def _disconnected(receive: Receive) -> None:

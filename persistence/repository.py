@@ -436,7 +436,9 @@ class JobRepository:
                 rows.append(dict(build_id=build_id, seq=job.log_seq, at=line.at, stage=line.stage, attempt=line.attempt,
                                  stream=line.stream, source=line.source, line_no=line.line_no, text=line.text))
             if rows:
-                await session.execute(self._insert(BuildLog).values(rows).on_conflict_do_nothing())
+                # executemany: one cached statement for any batch size (a VALUES list per batch
+                # would be compiled anew each time, which dominated the cost of a batch).
+                await session.execute(self._insert(BuildLog).on_conflict_do_nothing(), rows)
             return AppendResult(len(rows), truncated)
 
     async def list_logs(
