@@ -49,6 +49,8 @@ def printable(text: str | bytes) -> str:
     """Output as storable text: bytes decoded (invalid UTF-8 as \\xNN), control characters escaped."""
     if isinstance(text, bytes):
         text = text.decode("utf-8", errors="backslashreplace")
+    if not _CONTROL.search(text):
+        return text
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 

@@ -420,25 +420,29 @@ class JobRepository:
                 )).all()
             )
             rows: list[dict[str, Any]] = []
-            truncated = job.log_bytes >= cap_bytes
+            # Counted in locals and written back once: an ORM attribute set per line cost more
+            # than the insert.
+            seq, used = job.log_seq, job.log_bytes
+            truncated = used >= cap_bytes
             for line in lines:
                 if truncated:
                     break
                 if line.line_no <= stored_upto.get(line.source, -1):
                     continue
                 size = len(line.text.encode())
-                if job.log_bytes + size > cap_bytes:
+                if used + size > cap_bytes:
                     text = f"[genloop] log truncated: the build reached its {cap_bytes}-byte log cap; later output dropped"
                     line = LogLine(line.stage, line.attempt, "system", TRUNCATED_SOURCE, 0, text, line.at)
-                    size, truncated = cap_bytes - job.log_bytes + len(text.encode()), True
-                job.log_seq += 1
-                job.log_bytes += size
-                rows.append(dict(build_id=build_id, seq=job.log_seq, at=line.at, stage=line.stage, attempt=line.attempt,
+                    size, truncated = cap_bytes - used + len(text.encode()), True
+                seq += 1
+                used += size
+                rows.append(dict(build_id=build_id, seq=seq, at=line.at, stage=line.stage, attempt=line.attempt,
                                  stream=line.stream, source=line.source, line_no=line.line_no, text=line.text))
             if rows:
-                # executemany: one cached statement for any batch size (a VALUES list per batch
-                # would be compiled anew each time, which dominated the cost of a batch).
-                await session.execute(self._insert(BuildLog).on_conflict_do_nothing(), rows)
+                job.log_seq, job.log_bytes = seq, used
+                # Core executemany on the table: one cached statement for any batch size (a VALUES
+                # list per batch is compiled anew each time; the ORM's bulk path costs per row).
+                await session.execute(self._insert(BuildLog.__table__).on_conflict_do_nothing(), rows)
             return AppendResult(len(rows), truncated)
 
     async def list_logs(
