@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("debug_id")
     r = sub.add_parser("replay", help="replay a workflow history (id on the server, or a JSON export)")
     r.add_argument("target", metavar="WORKFLOW_ID|FILE")
-    sw = sub.add_parser("sweep", help="kill sandboxes whose build is gone (--all: every genloop sandbox)")
+    sw = sub.add_parser("sweep", help="kill sandboxes whose build is gone (--all: every genloop sandbox); "
+                        "delete logs past logs.retention_days")
     sw.add_argument("--all", action="store_true", help="also the sandboxes of live previews")
     versions.add_parsers(sub)
     return p
