@@ -18,6 +18,7 @@ import pytest
 
 from activities.logs import LogPolicy
 from genloop.cli.client import EXIT_FAILED, follow_build
+from genloop.http import preview_client
 from persistence.repository import TRUNCATED_SOURCE
 from tests.api.conftest import REPO_ROOT, SQLITE_ONLY, api_env
 from tests.api.sse import Event, read_events
@@ -210,6 +211,9 @@ async def test_follow_app_tails_the_running_apps_output(http, temporal_client, s
                 ticks.append(event.data["text"])
                 if len(ticks) >= 3:
                     break
+        # Leaving the stream detaches from the app; it keeps serving.
+        async with preview_client(timeout=10) as preview:
+            assert (await preview.get(result.preview_url)).status_code == 200
         await stack.sandboxes.kill(result.sandbox_id)
     assert all(t.startswith("tick ") for t in ticks), ticks
     numbers = [int(t.split()[1]) for t in ticks]
