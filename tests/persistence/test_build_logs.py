@@ -3,12 +3,19 @@ escaping, splitting, the cap, retention, and a retried writer that replays its o
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import uuid
 from datetime import UTC, datetime, timedelta
 
+from temporalio.testing import ActivityEnvironment
+
+from activities.build import BuildActivities
 from activities.logs import LINE_MAX_CHARS, LogPolicy, LogSink
 from activities.sweep import sweep_logs
-from persistence.repository import TRUNCATED_SOURCE
+from migrations.apply import upgrade
+from persistence.repository import TRUNCATED_SOURCE, JobRepository
+from workflows.stages import Stage
 
 
 async def _new_build(repo) -> str:
@@ -68,7 +75,7 @@ async def test_the_cap_ends_in_one_truncation_line(repo):
     assert sink.truncated
 
 
-async def test_paging_tail_and_retention(repo):
+async def test_paging_and_tail(repo):
     build_id = await _new_build(repo)
     async with LogSink(repo, build_id, "code", 0, LogPolicy()) as sink:
         for n in range(50):
@@ -78,8 +85,50 @@ async def test_paging_tail_and_retention(repo):
     assert [r.text for r in await repo.list_logs(build_id, tail=3)] == ["progress 47", "progress 48", "progress 49"]
     assert await repo.list_logs(build_id, stage="deps") == []
 
-    assert await sweep_logs(repo, 14, now=datetime.now(UTC)) == 0 or True  # other tests' builds are new too
-    assert len(await repo.list_logs(build_id, limit=100)) == 50
-    deleted = await sweep_logs(repo, 14, now=datetime.now(UTC) + timedelta(days=15))
-    assert deleted >= 50 and await repo.list_logs(build_id) == []
-    assert await repo.get(build_id) is not None  # the build itself stays
+
+async def test_retention_deletes_the_logs_of_old_builds_only(db_factory):
+    url = await db_factory.create()  # a database of its own: the sweep deletes across builds
+    await upgrade(url)
+    repo = JobRepository.from_url(url)
+    try:
+        old = await _new_build(repo)
+        await asyncio.sleep(0.01)
+        between = datetime.now(UTC)
+        await asyncio.sleep(0.01)
+        new = await _new_build(repo)
+        for build_id in (old, new):
+            async with LogSink(repo, build_id, "code", 1, LogPolicy()) as sink:
+                sink.line("hello", command="runner")
+        assert await sweep_logs(repo, 0, now=between + timedelta(days=999)) == 0  # 0: keep forever
+        # 14 days after `between`: `old` was created before the cutoff, `new` after it.
+        assert await sweep_logs(repo, 14, now=between + timedelta(days=14)) == 1
+        assert await repo.list_logs(old) == [] and await repo.get(old) is not None  # the build itself stays
+        assert [r.text for r in await repo.list_logs(new)] == ["hello"]
+    finally:
+        await repo.aclose()
+
+
+async def test_a_retried_activity_says_so_once_and_numbers_lines_by_the_builds_attempt(repo):
+    """BuildActivities._sink inside an activity (ActivityEnvironment): try 2 of a step writes one
+    'running again' line (a third run of the same try does not repeat it); lines carry the build's
+    attempt as the API counts it (1 until a failure is recorded, then 2)."""
+    build_id = await _new_build(repo)
+    acts = BuildActivities(repo, sandboxes=None, runners={})  # type: ignore[arg-type]
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, attempt=2)
+
+    async def step() -> None:
+        async with await acts._sink(build_id, Stage.DEPS) as sink:
+            sink.line("$ pip install", command="install")
+
+    await env.run(step)
+    await env.run(step)
+    rows = await repo.list_logs(build_id)
+    assert [r.text for r in rows][0].startswith("[genloop] this step is running again (try 2)")
+    assert [r.text for r in rows][1:] == ["$ pip install"] and {r.attempt for r in rows} == {1}
+
+    await repo.record_attempt(build_id, attempt=1, stage="deps", command="pip", exit_code=1, output="x",
+                              max_attempts=3)
+    env.info = dataclasses.replace(env.info, attempt=1)
+    await env.run(step)
+    assert [(r.attempt, r.text) for r in await repo.list_logs(build_id)][-1] == (2, "$ pip install")
