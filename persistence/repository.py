@@ -431,7 +431,8 @@ class JobRepository:
                     continue
                 size = len(line.text.encode())
                 if used + size > cap_bytes:
-                    text = f"[genloop] log truncated: the build reached its {cap_bytes}-byte log cap; later output dropped"
+                    text = (f"[genloop] log truncated: the build reached its {cap_bytes}-byte log cap; "
+                            "later output dropped")
                     line = LogLine(line.stage, line.attempt, "system", TRUNCATED_SOURCE, 0, text, line.at)
                     size, truncated = cap_bytes - used + len(text.encode()), True
                 seq += 1
