@@ -237,8 +237,10 @@ def openapi_document(*, shapes: TriggerShapes, settings: Settings) -> dict[str, 
                     {"name": "follow", "in": "query", "required": False, "schema": {"type": "string", "enum": ["app"]}},
                 ],
                 "responses": {
-                    "200": {"description": "A page of lines (or, with `follow=app`, the event stream).", "content": {
+                    "200": {"description": "A page of lines (`Accept: application/x-ndjson`: one LogEvent per "
+                            "line), or with `follow=app` the event stream.", "content": {
                         _JSON: {"schema": _ref("LogPage")},
+                        "application/x-ndjson": {"schema": _ref("LogEvent")},
                         "text/event-stream": {"schema": {"type": "string"}},
                     }},
                     "400": _error("`invalid_parameter`: a malformed parameter, an unknown one, or after with tail."),

@@ -32,6 +32,7 @@ log = logging.getLogger("genloop.api.logs")
 
 _PARAMS = frozenset({"after", "limit", "stage", "tail", "follow"})
 LOG_LIMIT_DEFAULT = 1000
+NDJSON = "application/x-ndjson"
 _STAGES = {s.value: s for s in Stage}
 
 
@@ -58,6 +59,10 @@ async def build_logs(request: Request) -> Response:
     rows = await svc.repo.list_logs(job.id, after=after, limit=limit, stage=stage, tail=tail_n)
     lines = [LogEvent(seq=r.seq, stage=Stage(r.stage), attempt=r.attempt, stream=r.stream, text=r.text, at=r.at)
              for r in rows]
+    if NDJSON in request.headers.get("accept", ""):
+        # One JSON object per line, for tools that read logs line by line (jq, grep).
+        body = "".join(line.model_dump_json() + "\n" for line in lines)
+        return Response(body, media_type=NDJSON)
     page = LogPage(lines=lines, next_after=lines[-1].seq if lines else after,
                    truncated=await svc.repo.log_truncated(job.id))
     return json_response(page)

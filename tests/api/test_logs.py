@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import sys
 import uuid
 
@@ -115,6 +116,9 @@ async def test_install_output_and_startup_line_arrive_while_the_build_runs(
     assert LOG_SECRET not in str([e.data for e in events])
     deps = (await http.get(f"/v1/builds/{build_id}/logs", params={"stage": "deps"})).json()["lines"]
     assert deps and {line["stage"] for line in deps} == {"deps"}
+    ndjson = await http.get(f"/v1/builds/{build_id}/logs", headers={"Accept": "application/x-ndjson"})
+    assert ndjson.headers["content-type"] == "application/x-ndjson"
+    assert [json.loads(line)["seq"] for line in ndjson.text.splitlines()] == [line["seq"] for line in stored]
     tail = (await http.get(f"/v1/builds/{build_id}/logs", params={"tail": "3"})).json()["lines"]
     assert [line["seq"] for line in tail] == [line["seq"] for line in stored[-3:]]
 
