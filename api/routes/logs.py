@@ -71,6 +71,9 @@ async def build_logs(request: Request) -> Response:
 async def _follow_app(svc, job) -> Response:
     if job.stage is not Stage.READY or not job.sandbox_id:
         raise ApiError(409, ErrorCode.CONFLICT, f"build {job.id} has no running app to follow ({job.stage.value})")
+    if job.preview_state not in (None, "live"):
+        # Connecting would resume a paused sandbox behind its preview workflow's back.
+        raise ApiError(409, ErrorCode.CONFLICT, f"the version is {job.preview_state}: wake it first (preview/wake)")
     try:
         sandboxes = SandboxClient(SandboxConfig.from_settings(svc.settings))
     except ConfigError as exc:
