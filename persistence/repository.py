@@ -447,13 +447,18 @@ class JobRepository:
             return AppendResult(len(rows), truncated)
 
     async def list_logs(
-        self, build_id: str, *, after: int = 0, limit: int = 1000, stage: str | None = None, tail: int | None = None
+        self, build_id: str, *, after: int = 0, limit: int = 1000, stage: str | None = None, tail: int | None = None,
+        contains: str | None = None,
     ) -> list[BuildLog]:
-        """The build's lines with seq > `after`, oldest first; with `tail`, the last `tail` of them."""
+        """The build's lines with seq > `after`, oldest first; with `tail`, the last `tail` of them;
+        with `contains`, only lines containing that text (case-insensitive)."""
         async with self._read() as session:
             query = select(BuildLog).where(BuildLog.build_id == build_id, BuildLog.seq > after)
             if stage is not None:
                 query = query.where(BuildLog.stage == stage)
+            if contains:
+                pattern = contains.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+                query = query.where(BuildLog.text.ilike(f"%{pattern}%", escape="\\"))
             if tail is not None:
                 newest = query.order_by(BuildLog.seq.desc()).limit(min(tail, MAX_LOG_PAGE))
                 return list(reversed((await session.execute(newest)).scalars().all()))

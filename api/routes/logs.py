@@ -1,4 +1,4 @@
-"""Build logs: a page of stored lines (`after`, `limit`, `stage`, `tail`), and `follow=app`: the
+"""Build logs: a page of stored lines (`after`, `limit`, `stage`, `tail`, `q`), and `follow=app`: the
 running app's output after READY, read live from its sandbox through the e2b SDK (not stored)."""
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from workflows.stages import Stage
 
 log = logging.getLogger("genloop.api.logs")
 
-_PARAMS = frozenset({"after", "limit", "stage", "tail", "follow"})
+_PARAMS = frozenset({"after", "limit", "stage", "tail", "follow", "q"})
+Q_MAX_CHARS = 200
 LOG_LIMIT_DEFAULT = 1000
 NDJSON = "application/x-ndjson"
 _STAGES = {s.value: s for s in Stage}
@@ -56,7 +57,10 @@ async def build_logs(request: Request) -> Response:
     stage = params.get("stage")
     if stage is not None and stage not in _STAGES:
         raise read.invalid(f"stage must be one of {', '.join(_STAGES)}")
-    rows = await svc.repo.list_logs(job.id, after=after, limit=limit, stage=stage, tail=tail_n)
+    q = params.get("q")
+    if q is not None and (not 1 <= len(q) <= Q_MAX_CHARS or "\x00" in q):
+        raise read.invalid(f"q must be 1-{Q_MAX_CHARS} characters (no NUL)")
+    rows = await svc.repo.list_logs(job.id, after=after, limit=limit, stage=stage, tail=tail_n, contains=q)
     lines = [LogEvent(seq=r.seq, stage=Stage(r.stage), attempt=r.attempt, stream=r.stream, text=r.text, at=r.at)
              for r in rows]
     if NDJSON in request.headers.get("accept", ""):

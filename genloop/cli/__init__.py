@@ -55,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     lg.add_argument("-f", "--follow", action="store_true",
                     help="keep printing new lines; after READY, the running app's output (Ctrl-C stops)")
     lg.add_argument("--stage", choices=["code", "deps", "checks"], help="only this stage's lines")
+    lg.add_argument("--grep", metavar="TEXT", help="only lines containing TEXT (case-insensitive)")
     ls = sub.add_parser("list", help="list a project's builds, newest first")
     ls.add_argument("--project", required=True)
     ls.add_argument("--limit", type=int, default=20)

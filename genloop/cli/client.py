@@ -193,7 +193,7 @@ async def follow_build(http: httpx.AsyncClient, build_id: str, out) -> int:
 
 
 async def cmd_logs(settings: Settings, args: argparse.Namespace) -> int:
-    """`genloop logs BUILD [-f] [--stage S]`: the stored lines; with -f, new ones as they come and,
+    """`genloop logs BUILD [-f] [--stage S] [--grep TEXT]`: the stored lines; with -f, new ones as they come and,
     once the build is READY, the running app's output until interrupted."""
     async with api_client(settings) as http:
         if not args.follow:
@@ -202,6 +202,8 @@ async def cmd_logs(settings: Settings, args: argparse.Namespace) -> int:
                 params: dict[str, Any] = {"after": after, "limit": 1000}
                 if args.stage:
                     params["stage"] = args.stage
+                if args.grep:
+                    params["q"] = args.grep
                 page = await api_call(http, "GET", f"/v1/builds/{args.build_id}/logs", params=params)
                 for line in page["lines"]:
                     print(_log_line(line), flush=False)
@@ -211,7 +213,9 @@ async def cmd_logs(settings: Settings, args: argparse.Namespace) -> int:
             sys.stdout.flush()
             return 0
         async for event, data in _events(http, args.build_id, logs=True):
-            if event == "build.log" and (not args.stage or data.get("stage") == args.stage):
+            wanted = (not args.stage or data.get("stage") == args.stage) and (
+                not args.grep or args.grep.lower() in data.get("text", "").lower())
+            if event == "build.log" and wanted:
                 print(_log_line(data), flush=True)
             elif event in ("build.ready", "build.failed", "build.cancelled"):
                 print(f"-- build {data.get('stage')}: {data.get('error_message') or data.get('message') or ''}",

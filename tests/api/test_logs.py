@@ -119,6 +119,10 @@ async def test_install_output_and_startup_line_arrive_while_the_build_runs(
     ndjson = await http.get(f"/v1/builds/{build_id}/logs", headers={"Accept": "application/x-ndjson"})
     assert ndjson.headers["content-type"] == "application/x-ndjson"
     assert [json.loads(line)["seq"] for line in ndjson.text.splitlines()] == [line["seq"] for line in stored]
+    found = (await http.get(f"/v1/builds/{build_id}/logs", params={"q": "successfully INSTALLED"})).json()["lines"]
+    assert [line["stage"] for line in found] == ["deps"] and "genloop-demo-dep" in found[0]["text"]
+    literal = (await http.get(f"/v1/builds/{build_id}/logs", params={"q": "line 00001_"})).json()["lines"]
+    assert literal == []  # `_` and `%` are text, not wildcards
     tail = (await http.get(f"/v1/builds/{build_id}/logs", params={"tail": "3"})).json()["lines"]
     assert [line["seq"] for line in tail] == [line["seq"] for line in stored[-3:]]
 
@@ -232,6 +236,7 @@ async def test_bad_log_parameters_are_4xx(http, worker):
     await worker.repo.create_job(build_id, "p-logs", "an app")
     for params in ({"after": "-1"}, {"after": "x"}, {"limit": "0"}, {"limit": "5001"}, {"stage": "nope"},
                    {"after": "1", "tail": "2"}, {"follow": "worker"}, {"follow": "app", "after": "1"},
+                   {"q": ""}, {"q": "x" * 201},
                    {"since": "1"}):
         response = await http.get(f"/v1/builds/{build_id}/logs", params=params)
         assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_parameter", params
