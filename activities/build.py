@@ -379,12 +379,16 @@ class BuildActivities:
             raise GenloopError(ErrorKind.INVALID_INPUT, f"unknown runner {name!r}")
         return runner
 
-    async def _sink(self, build_id: str, stage: Stage) -> LogSink:
+    async def _sink(self, build_id: str, stage: Stage, serve: int = 0) -> LogSink:
         """A log sink for this activity: the build's current fix attempt numbers its lines, and a
-        retried activity says so once (its replayed output is not stored twice, see activities.logs)."""
+        retried activity says so once (its replayed output is not stored twice, see activities.logs).
+        `serve` n: the version served again in a new sandbox; its lines are keyed apart from the build's."""
         job = await self.repo.get(build_id)
         # Numbered as the API numbers attempts (1: the first try; record_attempt moves the job on).
-        sink = LogSink(self.repo, build_id, stage.value, max(job.attempt if job is not None else 0, 1), self.logs)
+        attempt = max(job.attempt if job is not None else 0, 1)
+        sink = LogSink(self.repo, build_id, stage.value, attempt, self.logs, scope=f"serve-{serve}" if serve else "")
+        if serve:
+            sink.line(f"[genloop] serving this version again (sandbox {serve})", command="serve")
         with contextlib.suppress(RuntimeError):  # outside an activity (unit tests)
             if (n := activity.info().attempt) > 1:
                 sink.line(f"[genloop] this step is running again (try {n}); output stored before is not repeated",
@@ -490,7 +494,7 @@ class BuildActivities:
             f"[ -f {INSTALL_PIDFILE} ] && kill -9 -- -$(cat {INSTALL_PIDFILE}) 2>/dev/null; "
             f"echo $$ > {INSTALL_PIDFILE}; {cmd}; rc=$?; rm -f {INSTALL_PIDFILE}; exit $rc"
         )
-        async with await self._sink(inp.build_id, Stage.DEPS) as sink:
+        async with await self._sink(inp.build_id, Stage.DEPS, inp.serve) as sink:
             sink.line(f"$ {cmd}", command="install")
             try:
                 await _heartbeating(
@@ -516,7 +520,7 @@ class BuildActivities:
         async with preview_client(timeout=5.0) as http:
             if await _healthy(http, preview_url):  # a retried check after a successful start
                 return ChecksResult(preview_url=preview_url, port=self.app_port)
-            async with await self._sink(inp.build_id, Stage.CHECKS) as sink:
+            async with await self._sink(inp.build_id, Stage.CHECKS, inp.serve) as sink:
                 return await self._start_and_check(sandbox, inp, http, preview_url, sink)
 
     async def _start_and_check(self, sandbox: Any, inp: SandboxInput, http: Any, preview_url: str,

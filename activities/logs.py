@@ -64,12 +64,14 @@ class LogSink:
     """One activity's writer for one build, stage and fix attempt. Use as `async with`: the exit
     flushes what is buffered (also when the activity fails: a crash's traceback is the point)."""
 
-    def __init__(self, repo: JobRepository, build_id: str, stage: str, attempt: int, policy: LogPolicy) -> None:
+    def __init__(self, repo: JobRepository, build_id: str, stage: str, attempt: int, policy: LogPolicy,
+                 *, scope: str = "") -> None:
         self.repo = repo
         self.build_id = build_id
         self.stage = stage
         self.attempt = attempt
         self.policy = policy
+        self.scope = scope  # another run of the same stage and attempt (a version served again): its own keys
         self.truncated = False
         self._next: dict[str, int] = {}  # source -> its next line number
         self._partial: dict[str, str] = {}  # source -> text after its last newline
@@ -129,7 +131,8 @@ class LogSink:
             self._partial_stream[source] = stream
 
     def _source(self, command: str, stream: str) -> str:
-        return f"{self.stage}/{self.attempt}/{command}/{stream}"[:100]
+        scope = f"{self.scope}/" if self.scope else ""
+        return f"{self.stage}/{self.attempt}/{scope}{command}/{stream}"[:100]
 
     def _end_partial(self, source: str) -> None:
         rest = self._partial.pop(source, "").removesuffix("\r")

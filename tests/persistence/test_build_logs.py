@@ -132,3 +132,13 @@ async def test_a_retried_activity_says_so_once_and_numbers_lines_by_the_builds_a
     env.info = dataclasses.replace(env.info, attempt=1)
     await env.run(step)
     assert [(r.attempt, r.text) for r in await repo.list_logs(build_id)][-1] == (2, "$ pip install")
+
+
+async def test_a_version_served_again_logs_apart_from_its_build(repo):
+    build_id = await _new_build(repo)
+    for scope in ("", "serve-1"):  # the build's own start, then the version served in a new sandbox
+        async with LogSink(repo, build_id, "checks", 1, LogPolicy(), scope=scope) as sink:
+            sink.writer("app", "stdout")("listening on 8080\n")
+    rows = await repo.list_logs(build_id)
+    assert [r.text for r in rows] == ["listening on 8080", "listening on 8080"]
+    assert [r.source for r in rows] == ["checks/1/app/stdout", "checks/1/serve-1/app/stdout"]
