@@ -136,6 +136,7 @@ class Links(_Out):
     self_: str = Field(serialization_alias="self")
     events: str
     cancel: str
+    logs: str = Field(description="The build's log (GET; `?follow=app` after READY).")
     web_ui: str | None = Field(description="The workflow in the Temporal Web UI; null until a run exists.")
 
 

@@ -176,7 +176,7 @@ async def test_a_crashing_apps_traceback_is_in_its_attempts_and_the_failed_build
         with pytest.raises(Exception):  # noqa: B017 - the build fails: that is the point
             await handle.result()
     build = (await http.get(f"/v1/builds/{handle.id}")).json()
-    assert build["stage"] == "failed" and build["debug_id"]
+    assert build["stage"] == "failed" and build["debug_id"] and build["links"]["logs"] == f"/v1/builds/{handle.id}/logs"
     checks = await all_lines(http, handle.id, stage="checks")
     for attempt in (1, 2):
         texts = [line["text"] for line in checks if line["attempt"] == attempt]
