@@ -80,7 +80,6 @@ class LogSink:
         self._pending_bytes = 0
         self._full = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._failed_flushes = 0
 
     async def __aenter__(self) -> LogSink:
         self._task = asyncio.create_task(self._flush_periodically(), name=f"log-sink-{self.build_id}")
@@ -171,13 +170,16 @@ class LogSink:
             # Writing it again is safe, its keys are skipped if stored.
             self._pending[:0] = batch
             raise
-        except GenloopError as err:
-            # Logs never fail a build: keep the batch for the next flush (bounded by the cap).
-            self._failed_flushes += 1
-            log.warning("build %s: could not store %d log lines (%s)", self.build_id, len(batch), err)
-            if not final and sum(len(line.text) for line in batch) <= self.policy.cap_bytes:
+        except Exception as err:  # noqa: BLE001 - logs never fail a build
+            # Keep the batch for the next flush while what waits stays within the cap (a database
+            # that is down for long must not grow this without bound); drop it at the end.
+            size = sum(len(line.text) + 1 for line in batch)
+            kept = not final and self._pending_bytes + size <= self.policy.cap_bytes
+            log.warning("build %s: could not store %d log lines (%s); %s", self.build_id, len(batch),
+                        err if isinstance(err, GenloopError) else repr(err), "will retry" if kept else "dropped")
+            if kept:
                 self._pending[:0] = batch
-                self._pending_bytes += sum(len(line.text) + 1 for line in batch)
+                self._pending_bytes += size
             return
         if result.truncated:
             self.truncated = True
