@@ -314,7 +314,8 @@ async def _finished_with_logs(svc: Services, job: Job, final: Any, after_seq: in
             yield Delivery(encode_log(row), event_id(after_seq, after_log)).frame
         if len(rows) < MAX_LOG_PAGE:
             break
-    yield Delivery(encode_event(final, job), event_id(final.seq, after_log)).frame
+    # Past every line the build has (retention may have deleted some): a reconnect gets a 204.
+    yield Delivery(encode_event(final, job), event_id(final.seq, max(after_log, job.log_seq))).frame
 
 
 async def cancel_build(request: Request) -> Response:
