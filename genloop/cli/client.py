@@ -116,6 +116,7 @@ class StageProgress:
         self.label = ""
         self.started = time.monotonic()
         self.last_line = ""
+        self.drawn_at = 0.0
 
     def stage(self, label: str) -> None:
         if self.tty and self.label:
@@ -128,7 +129,7 @@ class StageProgress:
 
     def log(self, text: str) -> None:
         self.last_line = text
-        if self.tty:
+        if self.tty and time.monotonic() - self.drawn_at >= 0.1:  # a chatty build must not flood the terminal
             self._draw()
 
     def tick(self) -> None:
@@ -141,7 +142,8 @@ class StageProgress:
             self.label = ""
 
     def _draw(self, *, final: bool = False) -> None:
-        elapsed = time.monotonic() - self.started
+        self.drawn_at = time.monotonic()
+        elapsed = self.drawn_at - self.started
         head = f"  {self.label} {elapsed:5.1f}s"
         if final:
             self.out.write(f"\r\033[K{head}\n")
