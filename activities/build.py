@@ -18,6 +18,7 @@ from e2b import CommandExitException
 from temporalio import activity
 
 from activities.edits import FileSet, apply_changes, digest_of, text_files
+from activities.logs import LogPolicy, LogSink
 from activities.runners import Capability, Failure, Runner, RunnerResult, RunnerTask, Usage, usage_of
 from activities.sandbox import SandboxClient, classify_sandbox_error
 from genloop.errors import ErrorKind, GenloopError, redact_secrets, to_application_error
@@ -54,6 +55,11 @@ STATUS_EVERY_S = 2.0  # how often a runner's progress reaches the build's status
 INSTALL_TIMEOUT_S = 900
 HEALTH_DEADLINE_S = 60.0
 HEALTH_POLL_S = 0.025  # loopback probes are cheap; this bounds time-to-preview
+# READY: the app's output still arriving until this long without any, or DRAIN_MAX_S at most, goes
+# to the build's log (later output: logs?follow=app). An app that printed nothing waits not at all;
+# one that prints as it binds waits up to DRAIN_QUIET_S (shorter windows lost lines under load).
+DRAIN_QUIET_S = 0.2
+DRAIN_MAX_S = 3.0
 FAILURE_TAIL_CHARS = 8000  # what the fix loop may show the runner of a failing command's output
 DETAIL_TAIL_CHARS = 2000  # what error_detail keeps of it
 APP_PIDFILE = ".genloop-app.pid"
@@ -147,6 +153,7 @@ class BuildActivities:
         preview: PreviewPolicy | None = None,
         host_queue: str = "",
         host_id: str = "",
+        logs: LogPolicy | None = None,
     ) -> None:
         self.repo = repo
         self.sandboxes = sandboxes
@@ -163,6 +170,7 @@ class BuildActivities:
         # poll: every later activity on a sandbox is routed there. Empty for E2B (any worker reaches it).
         self.host_queue = host_queue
         self.host_id = host_id
+        self.logs = logs or LogPolicy()
 
     def all(self) -> list[Callable[..., Any]]:
         return [
@@ -336,11 +344,17 @@ class BuildActivities:
             else None,
             token_budget=await self._token_budget(req.build_id),
         )
-        try:
-            result = await self._run_runner(req.build_id, runner, task)
-        except GenloopError as err:
-            await self._record_usage(req.build_id, usage_of(err))  # a failed call still spent tokens
-            raise
+        async with await self._sink(req.build_id, Stage.CODE) as sink:
+            if task.failure is not None:
+                sink.line(f"fixing: `{task.failure.command}` failed in {task.failure.stage} "
+                          f"(exit code {task.failure.exit_code}); the runner is shown its output", command="runner")
+            try:
+                result = await self._run_runner(req.build_id, runner, task, sink)
+            except GenloopError as err:
+                await self._record_usage(req.build_id, usage_of(err))  # a failed call still spent tokens
+                sink.line(f"runner failed: {err.kind.value}", command="runner")
+                raise
+            sink.line(f"summary: {result.summary or '(none)'}", command="runner")
         usage = result.usage
         await self._record_usage(req.build_id, usage)
         if result.empty and kind is not Capability.NEW_APP:
@@ -372,12 +386,30 @@ class BuildActivities:
             raise GenloopError(ErrorKind.INVALID_INPUT, f"unknown runner {name!r}")
         return runner
 
-    async def _run_runner(self, build_id: str, runner: Runner, task: RunnerTask) -> RunnerResult:
+    async def _sink(self, build_id: str, stage: Stage, serve: int = 0) -> LogSink:
+        """A log sink for this activity: the build's current fix attempt numbers its lines, and a
+        retried activity says so once (its replayed output is not stored twice, see activities.logs).
+        `serve` n: the version served again in a new sandbox; its lines are keyed apart from the build's."""
+        job = await self.repo.get(build_id)
+        # Numbered as the API numbers attempts (1: the first try; record_attempt moves the job on).
+        attempt = max(job.attempt if job is not None else 0, 1)
+        sink = LogSink(self.repo, build_id, stage.value, attempt, self.logs, scope=f"serve-{serve}" if serve else "")
+        if serve:
+            sink.line(f"[genloop] serving this version again (sandbox {serve})", command="serve")
+        with contextlib.suppress(RuntimeError):  # outside an activity (unit tests)
+            if (n := activity.info().attempt) > 1:
+                sink.line(f"[genloop] this step is running again (try {n}); output stored before is not repeated",
+                          command=f"retry-{n}")
+        return sink
+
+    async def _run_runner(self, build_id: str, runner: Runner, task: RunnerTask, sink: LogSink) -> RunnerResult:
         """Run a runner while heartbeating its latest progress message, which also becomes the
-        build's status message (at most every STATUS_EVERY_S)."""
+        build's status message (at most every STATUS_EVERY_S) and a log line."""
         latest = ["runner"]
 
         def progress(message: str) -> None:
+            if message != latest[0]:
+                sink.line(message, command="runner")
             latest[0] = message
 
         work = asyncio.ensure_future(runner.run(task, progress))
@@ -469,19 +501,20 @@ class BuildActivities:
             f"[ -f {INSTALL_PIDFILE} ] && kill -9 -- -$(cat {INSTALL_PIDFILE}) 2>/dev/null; "
             f"echo $$ > {INSTALL_PIDFILE}; {cmd}; rc=$?; rm -f {INSTALL_PIDFILE}; exit $rc"
         )
-        try:
-            await _heartbeating(
-                sandbox.commands.run(guarded, cwd=inp.workspace_path, timeout=INSTALL_TIMEOUT_S), f"installing ({what})"
-            )
-        except CommandExitException as exc:
-            output = f"{exc.stderr or ''}\n{exc.stdout or ''}"
-            if any(m in output for m in _NETWORK_MARKERS):
-                raise GenloopError(ErrorKind.NETWORK, f"{what} install exited {exc.exit_code}: {_tail(output)}") from None
-            raise GenloopError(
-                ErrorKind.DEPENDENCY_INSTALL_FAILED,
-                f"{what} install exited {exc.exit_code}: {_tail(output)}",
-                failure=app_failure(Stage.DEPS, cmd, exc.exit_code, output),
-            ) from None
+        async with await self._sink(inp.build_id, Stage.DEPS, inp.serve) as sink:
+            sink.line(f"$ {cmd}", command="install")
+            try:
+                await _heartbeating(
+                    sandbox.commands.run(
+                        guarded, cwd=inp.workspace_path, timeout=INSTALL_TIMEOUT_S,
+                        on_stdout=sink.writer("install", "stdout"), on_stderr=sink.writer("install", "stderr"),
+                    ),
+                    f"installing ({what})",
+                )
+            except CommandExitException as exc:
+                sink.line(f"{what} install exited with code {exc.exit_code}", command="install")
+                raise _install_error(what, cmd, exc) from None
+            sink.line(f"{what} install finished", command="install")
         return what
 
     # --- CHECKS ---
@@ -494,55 +527,87 @@ class BuildActivities:
         async with preview_client(timeout=5.0) as http:
             if await _healthy(http, preview_url):  # a retried check after a successful start
                 return ChecksResult(preview_url=preview_url, port=self.app_port)
-            try:
-                procfile = await sandbox.files.read(f"{inp.workspace_path}/Procfile")
-            except e2b.NotFoundException:
-                procfile = ""  # the app's mistake, not the sandbox's: the fix loop can repair it
+            async with await self._sink(inp.build_id, Stage.CHECKS, inp.serve) as sink:
+                return await self._start_and_check(sandbox, inp, http, preview_url, sink)
+
+    async def _start_and_check(self, sandbox: Any, inp: SandboxInput, http: Any, preview_url: str,
+                               sink: LogSink) -> ChecksResult:
+        try:
+            procfile = await sandbox.files.read(f"{inp.workspace_path}/Procfile")
+        except e2b.NotFoundException:
+            procfile = ""  # the app's mistake, not the sandbox's: the fix loop can repair it
+        try:
             web_cmd = _web_command(procfile)
-            output: list[str] = []
-            # The pidfile makes a retried start replace, not race, the previous attempt's process.
-            launch = (
-                f"[ -f {APP_PIDFILE} ] && kill $(cat {APP_PIDFILE}) 2>/dev/null; echo $$ > {APP_PIDFILE}; "
-                f"[ -d .venv ] && export PATH=\"$PWD/.venv/bin:$PATH\"; exec {web_cmd}"
-            )
-            handle = await sandbox.commands.run(
-                launch,
-                background=True,
-                cwd=inp.workspace_path,
-                envs={"PORT": str(self.app_port)},
-                timeout=0,  # a server: the SDK's default 60 s deadline would kill it
-                on_stdout=output.append,
-                on_stderr=output.append,
-            )
-            exited = asyncio.ensure_future(handle.wait())
-            deadline = time.monotonic() + self.health_deadline_s
-            try:
-                while time.monotonic() < deadline:
-                    if exited.done():
-                        break
-                    if await _healthy(http, preview_url):
-                        await handle.disconnect()
-                        return ChecksResult(preview_url=preview_url, port=self.app_port)
-                    activity.heartbeat("waiting for /health")
-                    await asyncio.sleep(HEALTH_POLL_S)
-            finally:
-                if not exited.done():
-                    exited.cancel()
-            exit_code = _exit_code(exited)
-            reason = (
-                f"exited with code {exit_code} before answering /health"
-                if exited.done()
-                else f"did not answer /health within {self.health_deadline_s:.0f}s"
-            )
+        except GenloopError as err:
+            sink.line(err.detail, command="app")
+            raise
+        output: list[str] = []
+        # The app's output goes to the fix loop (the tail, on failure) and to the build's log.
+        to_log = {stream: sink.writer("app", stream) for stream in ("stdout", "stderr")}
+        last_output = [0.0]
+
+        def on_stdout(chunk: str) -> None:
+            output.append(chunk)
+            to_log["stdout"](chunk)
+            last_output[0] = time.monotonic()
+
+        def on_stderr(chunk: str) -> None:
+            output.append(chunk)
+            to_log["stderr"](chunk)
+            last_output[0] = time.monotonic()
+
+        sink.line(f"$ {web_cmd}", command="app")
+        # The pidfile makes a retried start replace, not race, the previous attempt's process.
+        launch = (
+            f"[ -f {APP_PIDFILE} ] && kill $(cat {APP_PIDFILE}) 2>/dev/null; echo $$ > {APP_PIDFILE}; "
+            f"[ -d .venv ] && export PATH=\"$PWD/.venv/bin:$PATH\"; exec {web_cmd}"
+        )
+        handle = await sandbox.commands.run(
+            launch,
+            background=True,
+            cwd=inp.workspace_path,
+            # Unbuffered: a Python app's prints reach the build's log as they happen, not at exit.
+            envs={"PORT": str(self.app_port), "PYTHONUNBUFFERED": "1"},
+            timeout=0,  # a server: the SDK's default 60 s deadline would kill it
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+        )
+        exited = asyncio.ensure_future(handle.wait())
+        deadline = time.monotonic() + self.health_deadline_s
+        try:
+            while time.monotonic() < deadline:
+                if exited.done():
+                    break
+                if await _healthy(http, preview_url):
+                    # What the app printed before it answered may still be on its way: take it
+                    # while it keeps coming (bounded). A quiet app costs nothing here.
+                    drain_until = time.monotonic() + DRAIN_MAX_S
+                    while time.monotonic() - last_output[0] < DRAIN_QUIET_S and time.monotonic() < drain_until:
+                        await asyncio.sleep(DRAIN_QUIET_S / 2)
+                    await handle.disconnect()
+                    sink.line(f"the app answers /health on port {self.app_port}", command="app")
+                    return ChecksResult(preview_url=preview_url, port=self.app_port)
+                activity.heartbeat("waiting for /health")
+                await asyncio.sleep(HEALTH_POLL_S)
+        finally:
             if not exited.done():
-                with contextlib.suppress(Exception):  # stop it, so a fix attempt starts clean
-                    await handle.kill()
-            text = "".join(output)
-            raise GenloopError(
-                ErrorKind.APP_CHECK_FAILED,
-                f"the app {reason}. output tail:\n{_tail(text)}",
-                failure=app_failure(Stage.CHECKS, web_cmd, exit_code, f"the app {reason}.\n{text}"),
-            )
+                exited.cancel()
+        exit_code = _exit_code(exited)
+        reason = (
+            f"exited with code {exit_code} before answering /health"
+            if exited.done()
+            else f"did not answer /health within {self.health_deadline_s:.0f}s"
+        )
+        if not exited.done():
+            with contextlib.suppress(Exception):  # stop it, so a fix attempt starts clean
+                await handle.kill()
+        sink.line(f"the app {reason}", command="app")
+        text = "".join(output)
+        raise GenloopError(
+            ErrorKind.APP_CHECK_FAILED,
+            f"the app {reason}. output tail:\n{_tail(text)}",
+            failure=app_failure(Stage.CHECKS, web_cmd, exit_code, f"the app {reason}.\n{text}"),
+        )
 
     # --- cleanup ---
 
@@ -558,6 +623,17 @@ class BuildActivities:
         for sandbox_id in sorted(ids):
             killed += bool(await self.sandboxes.kill(sandbox_id))
         return killed
+
+
+def _install_error(what: str, cmd: str, exc: CommandExitException) -> GenloopError:
+    output = f"{exc.stderr or ''}\n{exc.stdout or ''}"
+    if any(m in output for m in _NETWORK_MARKERS):
+        return GenloopError(ErrorKind.NETWORK, f"{what} install exited {exc.exit_code}: {_tail(output)}")
+    return GenloopError(
+        ErrorKind.DEPENDENCY_INSTALL_FAILED,
+        f"{what} install exited {exc.exit_code}: {_tail(output)}",
+        failure=app_failure(Stage.DEPS, cmd, exc.exit_code, output),
+    )
 
 
 async def _healthy(http: Any, preview_url: str) -> bool:

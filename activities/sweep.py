@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
@@ -55,3 +56,11 @@ async def sweep_orphans(
         report.killed.append(info.sandbox_id)
         log.info("swept sandbox %s of build %s (%s)", info.sandbox_id, build_id, job.status if job else "no row")
     return report
+
+
+async def sweep_logs(repo: JobRepository, retention_days: float, *, now: datetime | None = None) -> int:
+    """Delete the logs of builds created more than `retention_days` ago (0: keep them forever);
+    returns how many lines went."""
+    if retention_days <= 0:
+        return 0
+    return await repo.delete_logs_before((now or datetime.now(UTC)) - timedelta(days=retention_days))

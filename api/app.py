@@ -11,6 +11,7 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 from temporalio.client import Client
 
+from activities.sandbox import close_sdk_transports
 from api.errors import EXCEPTION_HANDLERS, ApiError, error_response
 from api.feed import TransitionFeed
 from api.gateway import PreviewDispatch, PreviewGateway
@@ -146,6 +147,8 @@ def create_app(
         finally:
             await app.state.gateway.aclose()
             await feed.aclose()
+            # logs?follow=app reaches sandboxes through the e2b SDK: close its pools while the loop runs.
+            await close_sdk_transports()
             if repo is None:
                 await repository.aclose()
 

@@ -18,6 +18,8 @@ from api.schemas import (
     TriggerShapes,
 )
 from genloop.settings import Settings
+from persistence.repository import MAX_LOG_PAGE
+from workflows.stages import Stage
 
 _JSON = "application/json"
 
@@ -180,21 +182,73 @@ def openapi_document(*, shapes: TriggerShapes, settings: Settings) -> dict[str, 
                     "the transition's sequence number, so `Last-Event-ID` resumes after it. A "
                     "`: heartbeat` comment is sent every 15 s without events. The stream closes after "
                     "the terminal event; for a build that has already ended, that one event is all "
-                    "it sends."
+                    "it sends. With `logs=1` the build's log lines are interleaved as `build.log` events "
+                    "(data: LogEvent) and every event's `id` is `T.L` (the last stage event's and the last "
+                    "log line's seq sent so far): `Last-Event-ID` resumes both, without a gap or a repeat; "
+                    "for a build that has ended, the lines the client lacks come before the outcome."
                 ),
                 "parameters": [
+                    {
+                        "name": "logs",
+                        "in": "query",
+                        "required": False,
+                        "description": "`1`/`true`: interleave `build.log` events.",
+                        "schema": {"type": "string", "enum": ["1", "true", "0", "false"]},
+                    },
                     {
                         "name": "Last-Event-ID",
                         "in": "header",
                         "required": False,
-                        "schema": {"type": "string", "pattern": "^[0-9]{1,9}$"},
-                    }
+                        "description": "`T` without logs; `T` or `T.L` with `logs=1`.",
+                        "schema": {"type": "string", "pattern": "^[0-9]{1,9}([.][0-9]{1,9})?$"},
+                    },
                 ],
                 "responses": {
                     "200": {"description": "The event stream.", "content": {"text/event-stream": {"schema": {"type": "string"}}}},
                     "204": {"description": "The build has ended and the client has its last event: do not reconnect."},
                     "400": _BAD_ID,
                     "404": _NOT_FOUND,
+                    "503": _UNAVAILABLE,
+                    **common,
+                },
+            },
+        },
+        "/v1/builds/{build_id}/logs": {
+            "parameters": build_id,
+            "get": {
+                "operationId": "buildLogs",
+                "summary": "The build's log: runner progress, install output, the app's output during CHECKS.",
+                "description": (
+                    "Lines in seq order, secrets redacted, at most `logs.cap_bytes` per build (then one "
+                    "truncation line). Page with `after` (the previous page's `next_after`); `tail=N` gives "
+                    "the last N lines instead. `follow=app` (alone) streams the running app's output after "
+                    "READY as Server-Sent Events `app.log` (data: `{stream, text, at}`), live from its "
+                    "sandbox and not stored: 409 when the build is not READY or its app is not running."
+                ),
+                "parameters": [
+                    {"name": "after", "in": "query", "required": False, "description": "Lines with a larger seq.",
+                     "schema": {"type": "integer", "minimum": 0, "default": 0}},
+                    {"name": "limit", "in": "query", "required": False,
+                     "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LOG_PAGE, "default": 1000}},
+                    {"name": "tail", "in": "query", "required": False, "description": "The last N lines.",
+                     "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LOG_PAGE}},
+                    {"name": "stage", "in": "query", "required": False, "description": "Only this stage's lines.",
+                     "schema": {"type": "string", "enum": [s.value for s in Stage]}},
+                    {"name": "q", "in": "query", "required": False,
+                     "description": "Only lines containing this text (case-insensitive).",
+                     "schema": {"type": "string", "minLength": 1, "maxLength": 200}},
+                    {"name": "follow", "in": "query", "required": False, "schema": {"type": "string", "enum": ["app"]}},
+                ],
+                "responses": {
+                    "200": {"description": "A page of lines (`Accept: application/x-ndjson`: one LogEvent per "
+                            "line), or with `follow=app` the event stream.", "content": {
+                        _JSON: {"schema": _ref("LogPage")},
+                        "application/x-ndjson": {"schema": _ref("LogEvent")},
+                        "text/event-stream": {"schema": {"type": "string"}},
+                    }},
+                    "400": _error("`invalid_parameter`: a malformed parameter, an unknown one, or after with tail."),
+                    "404": _NOT_FOUND,
+                    "409": _error("`conflict`: `follow=app` on a build whose app is not running."),
                     "503": _UNAVAILABLE,
                     **common,
                 },

@@ -136,6 +136,7 @@ class Links(_Out):
     self_: str = Field(serialization_alias="self")
     events: str
     cancel: str
+    logs: str = Field(description="The build's log (GET; `?follow=app` after READY).")
     web_ui: str | None = Field(description="The workflow in the Temporal Web UI; null until a run exists.")
 
 
@@ -187,6 +188,23 @@ class FailedEvent(StageEvent):
 
     error_message: str | None
     debug_id: str | None
+
+
+class LogEvent(_Out):
+    """`data` of the `build.log` event; also one line of `GET /v1/builds/{id}/logs`."""
+
+    seq: int = Field(ge=1, description="The line's number in the build's log (the `after` cursor).")
+    stage: Stage
+    attempt: int = Field(ge=0, description="The build's attempt that wrote it (1: the first try, 2: the first fix).")
+    stream: str = Field(description="`stdout`, `stderr`, or `system` (what genloop itself says).")
+    text: str = Field(description="The line, secrets redacted, control characters escaped as \\xNN.")
+    at: datetime
+
+
+class LogPage(_Out):
+    lines: list[LogEvent]
+    next_after: int = Field(description="Pass as `after` to read on (the last line's seq; `after` when empty).")
+    truncated: bool = Field(description="The build's log reached its cap; later output was dropped.")
 
 
 class EditedPath(_Out):
@@ -335,5 +353,5 @@ class ErrorBody(_Out):
 
 RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     BuildRef, BuildDetail, BuildPage, Health, ErrorBody, StageEvent, ReadyEvent, FailedEvent, FileList, ProjectView,
-    PreviewOut,
+    PreviewOut, LogEvent, LogPage,
 )

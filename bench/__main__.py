@@ -18,6 +18,7 @@ BENCHMARKS = {
     "sandbox-host": "bench.sandbox_host_bench",
     "fix": "bench.fix_bench",
     "hosts": "bench.hosts_bench",
+    "logs": "bench.logs_bench",
 }
 
 

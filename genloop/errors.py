@@ -65,15 +65,31 @@ _FRIENDLY = {
 
 _URL_CREDENTIALS = re.compile(r"(?P<prefix>[a-zA-Z][\w+.-]*://[^:/@\s]*):[^@\s]*@")
 _URL_QUERY = re.compile(r"(?P<url>[a-zA-Z][\w+.-]*://[^\s?#]*)\?[^\s#]*")
-_KEYWORD_PASSWORD = re.compile(r"(?i)(?P<prefix>password\s*[=:]\s*)\S+")
+# NAME=value / name: value where the name says it holds a secret (DB_PASSWORD=, api_key:, GITHUB_TOKEN=).
+_KEYWORD_PASSWORD = re.compile(
+    r"(?i)(?P<prefix>\b[\w.-]*(?:password|passwd|secret|token|api[_-]?key|access[_-]?key)[\w.-]*[\"']?\s*[=:]\s*)"
+    r"(?!\*\*\*)[^\s,;]+"
+)
+_BEARER = re.compile(r"(?i)(?P<prefix>\bbearer\s+)[\w.~+/=-]+")
+# Provider-style keys printed bare (sk-..., sk-ant-...): long enough not to hit ordinary words.
+_BARE_KEY = re.compile(r"\b(?P<prefix>sk-(?:ant-)?)[A-Za-z0-9_-]{16,}")
+
+
+# Everything below needs one of these; a line without any (most build output) is returned at once.
+_SUSPECT = re.compile(r"://|sk-|(?i:password|passwd|secret|token|api[_-]?key|access[_-]?key|bearer)")
 
 
 def redact_secrets(text: str) -> str:
     """Strip what may carry a secret from a message bound for logs, errors or users: URL passwords,
-    URL query strings (tokens, signed parameters) and `password=...` pairs."""
+    URL query strings (tokens, signed parameters), `password=...`-like pairs, bearer tokens and
+    provider keys. Build logs go through it line by line, so it must stay cheap."""
+    if not _SUSPECT.search(text):
+        return text
     text = _URL_CREDENTIALS.sub(r"\g<prefix>:***@", text)
     text = _URL_QUERY.sub(r"\g<url>", text)
-    return _KEYWORD_PASSWORD.sub(r"\g<prefix>***", text)
+    text = _KEYWORD_PASSWORD.sub(r"\g<prefix>***", text)
+    text = _BEARER.sub(r"\g<prefix>***", text)
+    return _BARE_KEY.sub(r"\g<prefix>***", text)
 
 
 PERMANENT_ERROR_TYPES = tuple(k.value for k in ErrorKind if not k.transient)

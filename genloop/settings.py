@@ -190,6 +190,15 @@ class PreviewSettings(_Section):
     retry_failed_s: float = Field(600, gt=0)  # after a version failed to start again, how long it answers 503 before a retry
 
 
+class LogSettings(_Section):
+    """Build logs: command and app output stored beside the build (a side channel, not Temporal)."""
+
+    cap_bytes: int = Field(2 * 1024 * 1024, ge=4096)  # bytes of log text one build may store; then a truncation line
+    retention_days: float = Field(14, ge=0)  # days a build's logs are kept (the sweep deletes older ones); 0: forever
+    batch_interval_s: float = Field(0.2, gt=0, le=10)  # seconds an activity buffers lines before it writes them
+    batch_bytes: int = Field(64 * 1024, ge=1024)  # bytes buffered that trigger a write before the interval ends
+
+
 class Settings(_Section):
     data_dir: Path = Path(".genloop")
     temporal: TemporalSettings = TemporalSettings()
@@ -200,6 +209,7 @@ class Settings(_Section):
     api: ApiSettings = ApiSettings()
     runner: RunnerSettings = RunnerSettings()
     preview: PreviewSettings = PreviewSettings()
+    logs: LogSettings = LogSettings()
 
     # --- derived values: one place computes them ---
     def resolve(self, path: str | Path) -> Path:

@@ -87,6 +87,9 @@ class Job(SQLModel, table=True):
     preview_state: str | None = Field(default=None, sa_type=String(20))  # live | paused | waking | removed | failed
     preview_woken_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     sandbox_host: str | None = Field(default=None, sa_type=String(255))  # which sandbox host has the sandbox
+    # --- build logs (0006): the last seq handed out and the bytes stored, bumped under the row lock ---
+    log_seq: int = Field(default=0, sa_type=Integer, sa_column_kwargs={"server_default": "0"})
+    log_bytes: int = Field(default=0, sa_type=Integer, sa_column_kwargs={"server_default": "0"})
 
     @property
     def stage(self) -> Stage:
@@ -163,3 +166,25 @@ class BuildAttempt(SQLModel, table=True):
     exit_code: int | None = None
     output: str = Field(sa_type=Text)
     at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class BuildLog(SQLModel, table=True):
+    """One line of a build's output, numbered per build by `seq` (the API's cursor). `source` names
+    the command that wrote it in one stage attempt ("deps/0/install/stdout") and `line_no` its line
+    there: a retried activity that replays the same output finds its lines stored and skips them."""
+
+    __tablename__: ClassVar[str] = "build_logs"
+    __table_args__: ClassVar[tuple[Any, ...]] = (
+        ForeignKeyConstraint(["build_id"], ["jobs.id"], name="fk_build_logs_build_id_jobs", ondelete="CASCADE"),
+        UniqueConstraint("build_id", "source", "line_no", name="uq_build_logs_build_id_source_line_no"),
+    )
+
+    build_id: str = Field(sa_type=String(255), primary_key=True)
+    seq: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    stage: str = Field(sa_type=String(20))
+    attempt: int = Field(default=0)  # the build's fix attempt (0: the first try)
+    stream: str = Field(sa_type=String(10))  # stdout | stderr | system
+    source: str = Field(sa_type=String(100))
+    line_no: int
+    text: str = Field(sa_type=Text)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -21,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from genloop.errors import ErrorKind, GenloopError
 from genloop.http import version_label
 from persistence.db import WRITE_TRANSACTION, database_errors, describe_url, make_engine, make_session_factory
-from persistence.models import Blob, BuildAttempt, BuildCounter, BuildFile, Job, JobTransition, utcnow
+from persistence.models import Blob, BuildAttempt, BuildCounter, BuildFile, BuildLog, Job, JobTransition, utcnow
 from workflows.stages import Stage, is_allowed
 
 MAX_PAGE_SIZE = 200
@@ -34,6 +35,29 @@ _BLOB_BATCH = 500
 CORE_TRANSITIONS = True
 # The stages a build may move to each stage from (the stage table, inverted).
 _SOURCES = {target: [s.value for s in Stage if s is not target and is_allowed(s, target)] for target in Stage}
+
+
+MAX_LOG_PAGE = 5000
+TRUNCATED_SOURCE = "genloop/truncated"
+
+
+@dataclass(frozen=True)
+class LogLine:
+    """A line on its way to `build_logs` (already redacted, escaped and split by the log sink)."""
+
+    stage: str
+    attempt: int
+    stream: str
+    source: str
+    line_no: int
+    text: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    stored: int
+    truncated: bool  # the build's log is at its cap: later lines are dropped
 
 
 class JobRepository:
@@ -438,6 +462,97 @@ class JobRepository:
             if not job.stage.terminal:
                 job.status_message = message
                 job.updated_at = utcnow()
+
+    # --- build logs -----------------------------------------------------------------------------
+
+    async def append_logs(self, build_id: str, lines: Sequence[LogLine], *, cap_bytes: int) -> AppendResult:
+        """Store `lines` in order, numbered by the build's log seq. A line whose (source, line_no) is
+        stored already is skipped: a retried activity replaying its command's output writes only what
+        the dead attempt did not. Once the build's log reaches `cap_bytes` one truncation line is
+        stored and every later line dropped."""
+        if not lines:
+            return AppendResult(0, False)
+        async with self._write() as session:
+            job = await self._locked_job(session, build_id)
+            sources = sorted({line.source for line in lines})
+            stored_upto = dict(
+                (await session.execute(
+                    select(BuildLog.source, func.max(BuildLog.line_no))
+                    .where(BuildLog.build_id == build_id, BuildLog.source.in_(sources))
+                    .group_by(BuildLog.source)
+                )).all()
+            )
+            rows: list[dict[str, Any]] = []
+            # Counted in locals and written back once: an ORM attribute set per line cost more
+            # than the insert.
+            seq, used = job.log_seq, job.log_bytes
+            truncated = used >= cap_bytes
+            for line in lines:
+                if truncated:
+                    break
+                if line.line_no <= stored_upto.get(line.source, -1):
+                    continue
+                size = len(line.text.encode())
+                if used + size > cap_bytes:
+                    text = (f"[genloop] log truncated: the build reached its {cap_bytes}-byte log cap; "
+                            "later output dropped")
+                    line = LogLine(line.stage, line.attempt, "system", TRUNCATED_SOURCE, 0, text, line.at)
+                    size, truncated = cap_bytes - used + len(text.encode()), True
+                seq += 1
+                used += size
+                rows.append(dict(build_id=build_id, seq=seq, at=line.at, stage=line.stage, attempt=line.attempt,
+                                 stream=line.stream, source=line.source, line_no=line.line_no, text=line.text))
+            if rows:
+                job.log_seq, job.log_bytes = seq, used
+                # Core executemany on the table: one cached statement for any batch size (a VALUES
+                # list per batch is compiled anew each time; the ORM's bulk path costs per row).
+                await session.execute(self._insert(BuildLog.__table__).on_conflict_do_nothing(), rows)
+            return AppendResult(len(rows), truncated)
+
+    async def list_logs(
+        self, build_id: str, *, after: int = 0, limit: int = 1000, stage: str | None = None, tail: int | None = None,
+        contains: str | None = None,
+    ) -> list[BuildLog]:
+        """The build's lines with seq > `after`, oldest first; with `tail`, the last `tail` of them;
+        with `contains`, only lines containing that text (case-insensitive)."""
+        async with self._read() as session:
+            query = select(BuildLog).where(BuildLog.build_id == build_id, BuildLog.seq > after)
+            if stage is not None:
+                query = query.where(BuildLog.stage == stage)
+            if contains:
+                pattern = contains.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+                query = query.where(BuildLog.text.ilike(f"%{pattern}%", escape="\\"))
+            if tail is not None:
+                newest = query.order_by(BuildLog.seq.desc()).limit(min(tail, MAX_LOG_PAGE))
+                return list(reversed((await session.execute(newest)).scalars().all()))
+            query = query.order_by(BuildLog.seq).limit(min(limit, MAX_LOG_PAGE))
+            return list((await session.execute(query)).scalars())
+
+    async def log_truncated(self, build_id: str) -> bool:
+        async with self._read() as session:
+            query = select(BuildLog.seq).where(
+                BuildLog.build_id == build_id, BuildLog.source == TRUNCATED_SOURCE, BuildLog.line_no == 0
+            )
+            return (await session.execute(query)).first() is not None
+
+    async def logs_after(self, cursors: dict[str, int], *, limit: int = 2000) -> dict[str, list[BuildLog]]:
+        """For each build id, up to `limit` lines with seq > its cursor (the event feed's tick)."""
+        found: dict[str, list[BuildLog]] = {}
+        async with self._read() as session:
+            for build_id, after in cursors.items():
+                query = (
+                    select(BuildLog).where(BuildLog.build_id == build_id, BuildLog.seq > after)
+                    .order_by(BuildLog.seq).limit(limit)
+                )
+                found[build_id] = list((await session.execute(query)).scalars())
+        return found
+
+    async def delete_logs_before(self, cutoff: datetime) -> int:
+        """Delete the logs of builds created before `cutoff` (retention); returns the rows deleted."""
+        async with self._write() as session:
+            old = select(Job.id).where(Job.created_at < cutoff)
+            result = await session.execute(delete(BuildLog).where(BuildLog.build_id.in_(old)))
+            return result.rowcount or 0
 
     # --- blobs ----------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from starlette.endpoints import HTTPEndpoint
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from temporalio.client import WithStartWorkflowOperation, WorkflowUpdateFailedError
 from temporalio.common import (
     SearchAttributePair,
@@ -27,7 +27,7 @@ from activities.edits import safe_relative_path
 from activities.runners import Capability, capabilities_of
 from api import reading as read
 from api.errors import UNAVAILABLE_MESSAGE, ApiError
-from api.feed import SSE_HEADERS, EventStreamResponse, encode_event
+from api.feed import SSE_HEADERS, Delivery, EventStreamResponse, encode_event, encode_log, event_id, parse_event_id
 from api.routes.common import (
     CHANGE_STORED_CHARS,
     DETAILS_GOAL_BUDGET,
@@ -60,6 +60,7 @@ from api.schemas import (
 from api.services import Services
 from genloop.errors import ErrorKind, GenloopError
 from persistence.models import Job
+from persistence.repository import MAX_LOG_PAGE
 from workflows.build import BUILD_STAGE, PROJECT_ID
 from workflows.project import ProjectWorkflow
 from workflows.stages import Stage
@@ -80,6 +81,9 @@ log = logging.getLogger("genloop.api")
 
 _IDEMPOTENCY_KEY = fullmatch(IDEMPOTENCY_KEY_PATTERN)
 _LAST_EVENT_ID = fullmatch("^[0-9]{1,9}$")
+_LAST_EVENT_ID_WITH_LOGS = fullmatch("^[0-9]{1,9}([.][0-9]{1,9})?$")
+_EVENTS_PARAMS = frozenset({"logs"})
+_BOOLEAN = {"1": True, "true": True, "0": False, "false": False}
 _LIST_PARAMS = frozenset({"limit", "cursor"})
 
 
@@ -279,16 +283,39 @@ async def get_build(request: Request) -> Response:
 async def build_events(request: Request) -> Response:
     svc = services(request)
     job = await get_job(svc, read.path_id(request, "build_id"))
-    last_seen = read.header(request, "last-event-id", _LAST_EVENT_ID, "a non-negative integer (an event id)")
-    after_seq = int(last_seen) if last_seen is not None else 0
+    logs = _BOOLEAN.get(read.query(request, _EVENTS_PARAMS).get("logs", "0"))
+    if logs is None:
+        raise read.invalid("logs must be 1, true, 0 or false")
+    if logs:
+        last_seen = read.header(request, "last-event-id", _LAST_EVENT_ID_WITH_LOGS,
+                                "an event id (T or T.L: non-negative integers)")
+        after_seq, after_log = parse_event_id(last_seen) if last_seen is not None else (0, 0)
+    else:
+        last_seen = read.header(request, "last-event-id", _LAST_EVENT_ID, "a non-negative integer (an event id)")
+        after_seq, after_log = int(last_seen) if last_seen is not None else 0, 0
     if job.stage.terminal:
         # Nothing more will happen: report the outcome once (or, if the client has it already,
-        # 204, which tells EventSource not to reconnect).
+        # 204, which tells EventSource not to reconnect); with logs, the lines it lacks first.
         final = (await svc.repo.list_transitions(job.id))[-1]
-        if final.seq <= after_seq:
+        if final.seq <= after_seq and (not logs or after_log >= job.log_seq):
             return Response(status_code=204)
-        return Response(encode_event(final, job).frame, media_type="text/event-stream", headers=SSE_HEADERS)
-    return EventStreamResponse(svc.feed, job.id, after_seq)
+        if not logs:
+            return Response(encode_event(final, job).frame, media_type="text/event-stream", headers=SSE_HEADERS)
+        return StreamingResponse(_finished_with_logs(svc, job, final, after_seq, after_log),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
+    return EventStreamResponse(svc.feed, job.id, after_seq, logs=logs, after_log=after_log)
+
+
+async def _finished_with_logs(svc: Services, job: Job, final: Any, after_seq: int, after_log: int):
+    while True:
+        rows = await svc.repo.list_logs(job.id, after=after_log, limit=MAX_LOG_PAGE)
+        for row in rows:
+            after_log = row.seq
+            yield Delivery(encode_log(row), event_id(after_seq, after_log)).frame
+        if len(rows) < MAX_LOG_PAGE:
+            break
+    # Past every line the build has (retention may have deleted some): a reconnect gets a 204.
+    yield Delivery(encode_event(final, job), event_id(final.seq, max(after_log, job.log_seq))).frame
 
 
 async def cancel_build(request: Request) -> Response:

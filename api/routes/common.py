@@ -42,7 +42,7 @@ def already_finished(job: Job) -> ApiError:
 def links(svc: Services, job: Job) -> Links:
     base = f"/v1/builds/{job.id}"
     web_ui = svc.settings.temporal.workflow_url(job.workflow_id or job.id, job.run_id) if job.run_id else None
-    return Links(self_=base, events=f"{base}/events", cancel=f"{base}/cancel", web_ui=web_ui)
+    return Links(self_=base, events=f"{base}/events", cancel=f"{base}/cancel", logs=f"{base}/logs", web_ui=web_ui)
 
 
 def summary_fields(svc: Services, job: Job) -> dict[str, Any]:

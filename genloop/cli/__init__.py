@@ -52,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("build_id")
         if name == "cancel":
             c.add_argument("--reason", default="cancelled from the CLI")
+    lg = sub.add_parser("logs", help="a build's log: runner, install and app output")
+    lg.add_argument("build_id")
+    lg.add_argument("-f", "--follow", action="store_true",
+                    help="keep printing new lines; after READY, the running app's output (Ctrl-C stops)")
+    lg.add_argument("--stage", choices=["code", "deps", "checks"], help="only this stage's lines")
+    lg.add_argument("--grep", metavar="TEXT", help="only lines containing TEXT (case-insensitive)")
     ls = sub.add_parser("list", help="list a project's builds, newest first")
     ls.add_argument("--project", required=True)
     ls.add_argument("--limit", type=int, default=20)
@@ -59,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("debug_id")
     r = sub.add_parser("replay", help="replay a workflow history (id on the server, or a JSON export)")
     r.add_argument("target", metavar="WORKFLOW_ID|FILE")
-    sw = sub.add_parser("sweep", help="kill sandboxes whose build is gone (--all: every genloop sandbox)")
+    sw = sub.add_parser("sweep", help="kill sandboxes whose build is gone (--all: every genloop sandbox); "
+                        "delete logs past logs.retention_days")
     sw.add_argument("--all", action="store_true", help="also the sandboxes of live previews")
     versions.add_parsers(sub)
     return p
@@ -67,8 +74,8 @@ def _parser() -> argparse.ArgumentParser:
 
 _COMMANDS = {
     "up": services.cmd_up, "worker": services.cmd_worker, "migrate": ops.cmd_migrate, "build": client.cmd_build,
-    "status": client.cmd_status, "cancel": client.cmd_cancel, "list": client.cmd_list, "debug": ops.cmd_debug,
-    "replay": ops.cmd_replay, "sweep": ops.cmd_sweep, **versions.COMMANDS,
+    "status": client.cmd_status, "cancel": client.cmd_cancel, "list": client.cmd_list, "logs": client.cmd_logs,
+    "debug": ops.cmd_debug, "replay": ops.cmd_replay, "sweep": ops.cmd_sweep, **versions.COMMANDS,
 }
 
 

@@ -61,7 +61,7 @@ async def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
 
 async def cmd_sweep(settings: Settings, args: argparse.Namespace) -> int:
     from activities.sandbox import SandboxClient, SandboxConfig, close_sdk_transports
-    from activities.sweep import sweep_orphans
+    from activities.sweep import sweep_logs, sweep_orphans
     from genloop.temporal import connect
     from persistence.repository import JobRepository
 
@@ -69,10 +69,12 @@ async def cmd_sweep(settings: Settings, args: argparse.Namespace) -> int:
     try:
         report = await sweep_orphans(SandboxClient(SandboxConfig.from_settings(settings)), repo, await connect(settings),
                                      include_live=args.all)
+        deleted = await sweep_logs(repo, settings.logs.retention_days)
     finally:
         await repo.aclose()
         await close_sdk_transports()
     print(f"sandboxes checked: {report.checked}, killed: {len(report.killed)} {' '.join(report.killed)}")
+    print(f"log lines deleted (builds older than {settings.logs.retention_days:g} days): {deleted}")
     return 0
 
 

@@ -16,10 +16,11 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.build import BuildActivities
+from activities.logs import LogPolicy
 from activities.preview import PreviewActivities, preview_policy
 from activities.runners import build_runner
 from activities.sandbox import SandboxClient, SandboxConfig, close_sdk_transports
-from activities.sweep import sweep_orphans
+from activities.sweep import sweep_logs, sweep_orphans
 from genloop.settings import Settings
 from genloop.temporal import connect
 from persistence.repository import JobRepository
@@ -68,6 +69,7 @@ def production_activities(
         preview=preview_policy(settings),
         host_id=host_id,
         host_queue=host_queue(settings, host_id) if host_id else "",
+        logs=LogPolicy.from_settings(settings),
     )
 
 
@@ -159,5 +161,9 @@ async def _sweep_periodically(settings: Settings, activities: BuildActivities, c
             report = await sweep_orphans(activities.sandboxes, activities.repo, client)
             if report.killed:
                 log.info("orphan sweep killed %d sandboxes", len(report.killed))
+            deleted = await sweep_logs(activities.repo, settings.logs.retention_days)
+            if deleted:
+                log.info("log retention deleted %d lines of builds older than %g days", deleted,
+                         settings.logs.retention_days)
         except Exception:  # noqa: BLE001 - a failed sweep must not take the worker down
             log.exception("orphan sweep failed; retrying in %.0fs", interval)

@@ -132,14 +132,19 @@ def temporal_address(temporal_env) -> str:  # noqa: F811
 
 
 @pytest.fixture(scope="session")
-async def api(tmp_path_factory, temporal_env, worker, migrated_db_url) -> AsyncIterator[ApiServer]:  # noqa: F811
-    """The API with authentication on, wired to the session's worker and database."""
+async def api(  # noqa: F811
+    tmp_path_factory, temporal_env, worker, migrated_db_url, sandbox_host
+) -> AsyncIterator[ApiServer]:
+    """The API with authentication on, wired to the session's worker, database and sandbox host
+    (which `logs?follow=app` reads the running app's output from)."""
     async with running_api(
         tmp_path_factory.mktemp("api"),
         token=secrets.token_urlsafe(24),
         TEMPORAL_ADDRESS=temporal_address(temporal_env),
         GENLOOP_TEMPORAL_TASK_QUEUE=worker.task_queue,
         GENLOOP_DATABASE_URL=migrated_db_url,
+        GENLOOP_SANDBOX_API_URL=sandbox_host.url,
+        GENLOOP_SANDBOX_API_KEY=sandbox_host.api_key,
     ) as server:
         yield server
 

@@ -15,8 +15,9 @@ import httpx
 class Event:
     name: str
     data: dict[str, Any]
-    id: int | None
+    id: int | None  # a plain integer id (stage-only streams)
     received: float = field(default_factory=time.time)
+    raw_id: str | None = None  # the id as sent (`T.L` on streams with logs)
 
 
 async def read_events(response: httpx.Response, comments: list[str] | None = None) -> AsyncIterator[Event]:
@@ -24,8 +25,9 @@ async def read_events(response: httpx.Response, comments: list[str] | None = Non
     async for line in response.aiter_lines():
         if not line:
             if "data" in fields:
-                event_id = int(fields["id"]) if "id" in fields else None
-                yield Event(fields.get("event", "message"), json.loads(fields["data"]), event_id)
+                raw = fields.get("id")
+                event_id = int(raw) if raw is not None and raw.isdigit() else None
+                yield Event(fields.get("event", "message"), json.loads(fields["data"]), event_id, raw_id=raw)
             fields = {}
         elif line.startswith(":"):
             if comments is not None:

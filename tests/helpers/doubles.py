@@ -296,3 +296,69 @@ class LateBindingAppRunnerDouble:
         )
         result.files["app.py"] = prelude + result.files["app.py"]
         return result
+
+
+# --- doubles for build logs: apps that print ---------------------------------------------------------
+
+LOG_SECRET = "hunter2-do-not-log"  # what LoggingAppRunnerDouble's app prints as a password
+
+
+class LoggingAppRunnerDouble:
+    """The template app with a local dependency (so DEPS has pip output) that prints as it starts: a
+    startup line, a line with a password in it, then `lines` numbered lines; with `ticks`, a line
+    every 0.2 s for as long as it runs (output after READY)."""
+
+    capabilities = frozenset({Capability.NEW_APP})
+
+    PACKAGE = "genloop_demo_dep"
+    STARTUP = "genloop-test app: starting up"
+
+    def __init__(self, lines: int = 0, *, ticks: bool = False, dependency: bool = True) -> None:
+        self.lines = lines
+        self.ticks = ticks
+        self.dependency = dependency
+
+    async def run(self, task: RunnerTask, progress) -> RunnerResult:
+        result = await TemplateRunner().run(task, progress)
+        prelude = [
+            "import sys, threading, time",
+            f"print({self.STARTUP!r}, flush=True)",
+            f"print('connecting with DB_PASSWORD={LOG_SECRET}', file=sys.stderr, flush=True)",
+            f"for n in range({self.lines}):",
+            "    print(f'line {n:06d} of the app output, padded to look like a real log line', flush=False)",
+            "sys.stdout.flush()",
+        ]
+        if self.ticks:
+            prelude += [
+                "def _tick():",
+                "    n = 0",
+                "    while True:",
+                "        n += 1; print(f'tick {n}', flush=True); time.sleep(0.2)",
+                "threading.Thread(target=_tick, daemon=True).start()",
+            ]
+        if self.dependency:
+            wheel_name = f"wheels/{self.PACKAGE}-1.0-py3-none-any.whl"
+            result.files[wheel_name] = wheel_bytes(self.PACKAGE, "1.0", "GREETING = 'dependency installed'\n")
+            result.files["requirements.txt"] = f"./{wheel_name}\n"
+            prelude.insert(0, f"import {self.PACKAGE}")
+        result.files["app.py"] = "\n".join(prelude) + "\n" + str(result.files["app.py"])
+        return result
+
+
+class CrashingAppRunnerDouble:
+    """An app that raises at start-up (a traceback on stderr), and a FIX that does not help: the
+    build uses its fix attempts and fails."""
+
+    capabilities = frozenset({Capability.NEW_APP, Capability.FIX})
+
+    ERROR = "RuntimeError: the app cannot find its config (test double)"
+
+    async def run(self, task: RunnerTask, progress) -> RunnerResult:
+        result = await TemplateRunner().run(replace(task, kind=Capability.NEW_APP), progress)
+        result.files["app.py"] = (
+            "def load_config():\n"
+            "    raise RuntimeError('the app cannot find its config (test double)')\n"
+            "load_config()\n"
+        )
+        result.summary = "tried again (test double)" if task.kind is Capability.FIX else "a crashing app (test double)"
+        return result

@@ -18,9 +18,12 @@ from persistence.repository import JobRepository
 from tests.helpers.databases import DatabaseFactory, inspect_schema, run_sync_on
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-HEAD = "0005"
+HEAD = "0006"
 SANDBOX_COLUMNS = {"sandbox_id", "preview_url", "build_version", "workspace_path"}
-ALL_TABLES = {"alembic_version", "jobs", "job_transitions", "build_counters", "blobs", "build_files", "build_attempts"}
+ALL_TABLES = {
+    "alembic_version", "jobs", "job_transitions", "build_counters", "blobs", "build_files", "build_attempts",
+    "build_logs",
+}
 
 
 async def test_upgrade_downgrade_upgrade_keeps_jobs(db_factory: DatabaseFactory) -> None:

@@ -86,3 +86,25 @@ def test_redact_secrets_strips_url_credentials_queries_and_passwords():
     out = redact_secrets(text)
     assert "hunter2" not in out and "abc" not in out and "s3cret" not in out
     assert "postgresql+asyncpg://app:***@db:5432/x" in out and "http://h:1/v2/sandboxes" in out
+
+
+def test_logs_settings_and_their_variables():
+    defaults = load_settings(environ={}).logs
+    assert (defaults.cap_bytes, defaults.retention_days, defaults.batch_interval_s, defaults.batch_bytes) == (
+        2 * 1024 * 1024, 14, 0.2, 64 * 1024)
+    s = load_settings(environ={"GENLOOP_LOGS_CAP_BYTES": "100000", "GENLOOP_LOGS_RETENTION_DAYS": "3",
+                               "GENLOOP_LOGS_BATCH_INTERVAL_S": "0.5"})
+    assert (s.logs.cap_bytes, s.logs.retention_days, s.logs.batch_interval_s) == (100000, 3, 0.5)
+    with pytest.raises(ConfigError, match="logs.cap_bytes"):
+        load_settings(environ={"GENLOOP_LOGS_CAP_BYTES": "10"})
+
+
+def test_redaction_of_build_log_lines():
+    from genloop.errors import redact_secrets
+
+    for line, secret in (("DB_PASSWORD=hunter2", "hunter2"), ("export GITHUB_TOKEN=ghp_abc", "ghp_abc"),
+                         ("api_key: 'k-123'", "k-123"), ("Authorization: Bearer eyJhbGci", "eyJhbGci"),
+                         ("using sk-ant-REDACTMEREDACTME123", "REDACTMEREDACTME123")):
+        assert secret not in redact_secrets(line), line
+    for line in ("Successfully installed flask-3.0.0", "writing code: 3.2k tokens", "GET /health 200"):
+        assert redact_secrets(line) == line
