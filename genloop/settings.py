@@ -115,6 +115,9 @@ class SandboxHostSettings(_Section):
     max_preview_connections: int = Field(512, ge=1)
     # CIDRs sandboxes may reach although egress denies them (a package mirror on the LAN); never loopback.
     egress_allowed_networks: list[str] = Field(default_factory=list)
+    # The host's stable id (GET /health, the worker's `<task_queue>@<host_id>`); empty: generated once
+    # into state_dir/host-id and kept across restarts.
+    host_id: str = Field("", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$|^$")
 
     @field_validator("egress_allowed_networks")
     @classmethod

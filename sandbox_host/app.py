@@ -98,9 +98,13 @@ class HostApp:
             await self._envd(scope, receive, send, sandbox_id)
             return
         if scope["path"] == "/health":  # readiness, no secrets involved
-            await JSONResponse({"status": "ok", "isolated": self.config.isolated, "mode": self.config.mode})(
-                scope, receive, send
-            )
+            health = {
+                "status": "ok",
+                "isolated": self.config.isolated,
+                "mode": self.config.mode,
+                "host_id": self.config.host_id,
+            }
+            await JSONResponse(health)(scope, receive, send)
             return
         if not self._api_key_ok(_header(scope, b"x-api-key")):
             await envd.error_response(401, "invalid or missing API key (X-API-Key)")(scope, receive, send)

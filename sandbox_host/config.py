@@ -37,6 +37,7 @@ class HostConfig:
     egress_allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     isolated: bool
     mode: str  # isolation.PER_UID, ROOTLESS or UNSAFE
+    host_id: str = ""  # "" until `with_host_id()`: then the configured or the generated id
 
     @classmethod
     def from_settings(cls, settings: Settings) -> HostConfig:
@@ -65,6 +66,7 @@ class HostConfig:
             ),
             isolated=not section.unsafe_no_isolation,
             mode=host_mode(not section.unsafe_no_isolation),
+            host_id=section.host_id,
         )
 
     def with_api_key(self) -> HostConfig:
@@ -72,6 +74,36 @@ class HostConfig:
         if self.api_key:
             return self
         return dataclasses.replace(self, api_key=load_or_create_key(self.key_file))
+
+
+    def with_host_id(self) -> HostConfig:
+        """The host's stable id: the configured one, else the one generated once into state_dir."""
+        if self.host_id:
+            return self
+        return dataclasses.replace(self, host_id=load_or_create_host_id(self.state_dir / HOST_ID_FILE))
+
+
+HOST_ID_FILE = "host-id"
+
+
+def load_or_create_host_id(path: Path) -> str:
+    """The id in `path`, written there first (atomically) when the file does not exist: "h-" and 12
+    lowercase letters and digits, safe in a Temporal task queue name."""
+    if not path.exists():
+        alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write("h-" + "".join(secrets.choice(alphabet) for _ in range(12)) + "\n")
+        try:
+            os.link(tmp, path)  # fails if another process won the race: use its id
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    host_id = path.read_text().strip()
+    if not host_id:
+        raise ConfigError(f"{path} is empty: delete it and restart the sandbox host to generate a new id")
+    return host_id
 
 
 def load_or_create_key(path: Path) -> str:

@@ -117,6 +117,10 @@ async def serve(config: HostConfig, log_level: str) -> int:
         return refuse(
             f"cannot use the state directory {config.state_dir} ({exc.strerror}): choose another with --state-dir"
         )
+    try:
+        config = config.with_host_id()
+    except (ConfigError, OSError) as exc:
+        return refuse(f"cannot keep the host id in {config.state_dir}: {exc}")
     if config.isolated:
         try:
             await asyncio.to_thread(check_bubblewrap, config.state_dir, config.limits.disk_bytes, config.mode)
@@ -159,7 +163,8 @@ async def serve(config: HostConfig, log_level: str) -> int:
         )
     )
     log.info(
-        "sandbox host on http://%s:%d (mode %s: sandboxes run %s; state %s, %d sandboxes adopted, API key %s)",
+        "sandbox host %s on http://%s:%d (mode %s: sandboxes run %s; state %s, %d sandboxes adopted, API key %s)",
+        config.host_id,
         config.host,
         config.port,
         config.mode,

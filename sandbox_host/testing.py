@@ -175,7 +175,7 @@ class RunningHost:
         return self.data_dir / "sandbox-host.key"
 
     async def health(self) -> dict[str, Any]:
-        """GET /health: {"status", "isolated", "mode"}."""
+        """GET /health: {"status", "isolated", "mode", "host_id"}."""
         async with httpx.AsyncClient() as client:
             return (await client.get(f"{self.url}/health", timeout=5)).json()
 
