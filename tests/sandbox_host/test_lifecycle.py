@@ -4,9 +4,18 @@ a host restart with paused sandboxes, list ordering and `started_after`; and the
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+import os
+from typing import Any
 
-from sandbox_host.testing import running_host
+import httpx
+import pytest
+from e2b import AsyncSandbox, Sandbox, SandboxQuery, SandboxState
+from e2b.exceptions import SandboxNotFoundException
+
+from genloop.http import preview_client
+from sandbox_host.testing import RunningHost, running_host
+from tests.helpers.sandboxes import pid_namespace_of, processes_in, record_of, sandbox, serve
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -38,3 +47,178 @@ async def test_a_worker_paired_with_the_host_polls_the_hosts_queue(tmp_path):
         host_id = await host_identity(settings, wait_s=5)
         assert host_id == "machine-b"
         assert host_queue(settings, host_id) == f"{settings.temporal.task_queue}@machine-b"
+
+
+# ------------------------------------------------------------------------------------ pause / resume
+async def info_state(sdk: dict[str, Any], sandbox_id: str) -> SandboxState:
+    return (await AsyncSandbox.get_info(sandbox_id, **sdk)).state
+
+
+async def listed(sdk: dict[str, Any], tag: str, **query: Any) -> list[str]:
+    found = await AsyncSandbox.list(query=SandboxQuery(metadata={"t": tag}, **query), **sdk).next_items()
+    return [s.sandbox_id for s in found]
+
+
+def assert_paused_on_disk(host: RunningHost, sandbox_id: str, pid_ns: int) -> None:
+    """0 processes, its files in a tar on the host's disk (not a tmpfs), the record says paused."""
+    assert processes_in(pid_ns) == []
+    record = record_of(host, sandbox_id)
+    assert record["state"] == "paused" and record["init_pid"] is None
+    assert (host.state_dir / sandbox_id / "files.tar").is_file()
+
+
+async def test_pause_then_connect_resumes_with_the_same_files(host, sdk):
+    tag = os.urandom(4).hex()
+    async with sandbox(sdk, metadata={"t": tag}) as sb:
+        url = await serve(sb, "the same content")
+        await sb.files.write("/tmp/scratch.txt", "in /tmp too")
+        pid_ns = pid_namespace_of(host, sb.sandbox_id)
+
+        assert await sb.pause() is True
+        assert_paused_on_disk(host, sb.sandbox_id, pid_ns)
+        assert await info_state(sdk, sb.sandbox_id) == SandboxState.PAUSED
+        assert await listed(sdk, tag) == [sb.sandbox_id]  # the default lists running and paused
+        assert await listed(sdk, tag, state=[SandboxState.PAUSED]) == [sb.sandbox_id]
+        assert await listed(sdk, tag, state=[SandboxState.RUNNING]) == []
+        assert await AsyncSandbox.pause(sb.sandbox_id, **sdk) is False  # 409: already paused
+        async with preview_client(timeout=5) as client:  # no auto-resume: the preview is not there
+            assert (await client.get(url)).status_code == 502
+        assert await info_state(sdk, sb.sandbox_id) == SandboxState.PAUSED
+
+        resumed = await AsyncSandbox.connect(sb.sandbox_id, **sdk)
+        assert await info_state(sdk, sb.sandbox_id) == SandboxState.RUNNING
+        assert await resumed.files.read("/home/user/project/content.txt") == "the same content"
+        assert await resumed.files.read("/tmp/scratch.txt") == "in /tmp too"
+        assert (await resumed.commands.run("id -u")).stdout.strip() == "1000"
+        # Files, not memory: the server is started again, and serves what it served before.
+        assert await serve(resumed, "the same content") == url
+        assert await resumed.files.read("/home/user/project/server.py")
+
+
+async def test_connect_answers_200_when_running_and_201_when_it_resumed(host, sdk):
+    async with sandbox(sdk) as sb:
+        headers = {"X-API-Key": host.api_key}
+        async with httpx.AsyncClient(base_url=host.url, headers=headers, timeout=30) as http:
+            running = await http.post(f"/v2/sandboxes/{sb.sandbox_id}/connect", json={"timeout": 60})
+            assert running.status_code == 200 and running.json()["sandboxID"] == sb.sandbox_id
+            assert (await http.post(f"/sandboxes/{sb.sandbox_id}/pause", json={})).status_code == 204
+            again = await http.post(f"/sandboxes/{sb.sandbox_id}/pause", json={})
+            assert again.status_code == 409
+            resumed = await http.post(f"/v2/sandboxes/{sb.sandbox_id}/connect", json={"timeout": 60})
+            assert resumed.status_code == 201 and resumed.json()["envdAccessToken"]
+            missing = await http.post("/v2/sandboxes/nosuchsandbox000000/connect", json={})
+            assert missing.status_code == 404
+            assert (await http.post("/sandboxes/nosuchsandbox000000/pause", json={})).status_code == 404
+
+
+async def test_the_sync_sdk_pauses_and_resumes(host, sdk):
+    def roundtrip() -> tuple[bool, bool, str, str, str]:
+        sb = Sandbox.create(**sdk)
+        try:
+            sb.files.write("/home/user/note.txt", "sync")
+            first = sb.pause()
+            second = Sandbox.pause(sb.sandbox_id, **sdk)
+            state = Sandbox.get_info(sb.sandbox_id, **sdk).state.value
+            back = Sandbox.connect(sb.sandbox_id, **sdk)
+            return first, second, state, back.files.read("/home/user/note.txt"), back.get_info().state.value
+        finally:
+            Sandbox.kill(sb.sandbox_id, **sdk)
+
+    assert await asyncio.to_thread(roundtrip) == (True, False, "paused", "sync", "running")
+
+
+async def test_killing_a_paused_sandbox_removes_it_and_its_files(host, sdk):
+    sb = await AsyncSandbox.create(**sdk)
+    await sb.pause()
+    assert await AsyncSandbox.kill(sb.sandbox_id, **sdk) is True
+    assert not (host.state_dir / sb.sandbox_id).exists()
+    with pytest.raises(SandboxNotFoundException):
+        await AsyncSandbox.connect(sb.sandbox_id, **sdk)
+    assert await AsyncSandbox.kill(sb.sandbox_id, **sdk) is False
+
+
+async def test_concurrent_connects_to_a_paused_sandbox_resume_it_once(host, sdk):
+    async with sandbox(sdk) as sb:
+        await sb.files.write("/home/user/x.txt", "once")
+        await sb.pause()
+        headers = {"X-API-Key": host.api_key}
+        async with httpx.AsyncClient(base_url=host.url, headers=headers, timeout=60) as http:
+            answers = await asyncio.gather(
+                *(http.post(f"/v2/sandboxes/{sb.sandbox_id}/connect", json={"timeout": 60}) for _ in range(10))
+            )
+        assert sorted(a.status_code for a in answers) == [200] * 9 + [201]
+        resumed = await AsyncSandbox.connect(sb.sandbox_id, **sdk)
+        assert await resumed.files.read("/home/user/x.txt") == "once"
+
+
+async def test_paused_sandboxes_survive_a_host_restart(tmp_path):
+    async with running_host(tmp_path) as host:
+        sdk = host.sdk_options()
+        graceful = await AsyncSandbox.create(**sdk, metadata={"t": "restart"})
+        crashed = await AsyncSandbox.create(**sdk, metadata={"t": "restart"})
+        for sb, text in ((graceful, "kept over a stop"), (crashed, "kept over a crash")):
+            await sb.files.write("/home/user/project/kept.txt", text)
+            await sb.pause()
+        await host.restart()
+        await host.restart(crash=True)
+        assert sorted(await listed(sdk, "restart", state=[SandboxState.PAUSED])) == sorted(
+            [graceful.sandbox_id, crashed.sandbox_id]
+        )
+        for sb, text in ((graceful, "kept over a stop"), (crashed, "kept over a crash")):
+            assert await info_state(sdk, sb.sandbox_id) == SandboxState.PAUSED
+            resumed = await AsyncSandbox.connect(sb.sandbox_id, **sdk)
+            assert await resumed.files.read("/home/user/project/kept.txt") == text
+            assert (await resumed.commands.run("echo alive")).stdout.strip() == "alive"
+
+
+# ------------------------------------------------------------------------------------ lifecycle on create
+async def test_lifecycle_on_timeout_pause_and_auto_resume_on_a_preview_request(host, sdk):
+    lifecycle = {"on_timeout": "pause", "auto_resume": True}
+    async with sandbox(sdk, timeout=3, lifecycle=lifecycle) as sb:
+        info = await sb.get_info()
+        assert info.lifecycle == {"on_timeout": "pause", "auto_resume": True}
+        await sb.files.write("/home/user/project/content.txt", "after the timeout")
+        pid_ns = pid_namespace_of(host, sb.sandbox_id)
+        for _ in range(100):  # its timeout pauses it instead of killing it
+            if await info_state(sdk, sb.sandbox_id) == SandboxState.PAUSED:
+                break
+            await asyncio.sleep(0.1)
+        assert_paused_on_disk(host, sb.sandbox_id, pid_ns)
+        # A request for its preview resumes it (files, not memory: nothing listens until started).
+        async with preview_client(timeout=30) as client:
+            await client.get(f"http://{sb.get_host(8080)}/")
+        assert await info_state(sdk, sb.sandbox_id) == SandboxState.RUNNING
+        assert await sb.files.read("/home/user/project/content.txt") == "after the timeout"
+
+
+async def test_lifecycle_default_kills_at_the_timeout_and_reports_kill(host, sdk):
+    sb = await AsyncSandbox.create(timeout=2, **sdk)
+    assert (await sb.get_info()).lifecycle == {"on_timeout": "kill", "auto_resume": False}
+    for _ in range(100):
+        if not await sb.is_running():
+            break
+        await asyncio.sleep(0.1)
+    with pytest.raises(SandboxNotFoundException):
+        await AsyncSandbox.get_info(sb.sandbox_id, **sdk)
+
+
+# ------------------------------------------------------------------------------------ list ordering
+async def test_list_is_newest_first_and_started_after_is_inclusive(host, sdk):
+    tag = os.urandom(4).hex()
+    made = []
+    try:
+        for _ in range(3):
+            made.append(await AsyncSandbox.create(metadata={"t": tag}, **sdk))
+        ids = [sb.sandbox_id for sb in made]
+        assert await listed(sdk, tag) == ids[::-1]
+        oldest_first = AsyncSandbox.list(query=SandboxQuery(metadata={"t": tag}), order="asc", **sdk)
+        assert [s.sandbox_id for s in await oldest_first.next_items()] == ids
+        second = await made[1].get_info()
+        assert await listed(sdk, tag, started_after=second.started_at) == ids[:0:-1]
+        paginator = AsyncSandbox.list(query=SandboxQuery(metadata={"t": tag}), limit=2, **sdk)
+        pages = [await paginator.next_items()]
+        pages.append(await paginator.next_items())
+        assert [[s.sandbox_id for s in page] for page in pages] == [ids[:0:-1], ids[:1]]
+    finally:
+        for sb in made:
+            await sb.kill()
