@@ -16,12 +16,20 @@ How a sandbox's processes are found and killed depends on the host's mode (isola
 A restarted host adopts the sandboxes whose records are intact and whose agents answer, and kills
 the rest, so nothing it started is left behind.
 
+Pause (README "Lifecycle"): the agent ends every command and streams a tar of the sandbox's files,
+the host keeps it in the sandbox's host-only directory and kills every process; the record says
+`paused` and has no init. Resume launches a new agent (a free slot, so per-uid perhaps another uid),
+which unpacks the tar, under the same id, token and secret. Pause, resume and kill of one sandbox
+take turns (`_transition`); a restarted host lists paused records again without adopting anything.
+
 Sandboxes outlive the host process (a graceful stop leaves them running); each agent enforces its
 sandbox's deadline itself, so none outlives its TTL even if the host never comes back.
 
 Layout of state_dir (0711: traversable, not listable):
 
-    <id>/            0700, the host's only: record.json (0600), agent.sock, agent.log
+    <id>/            0700, the host's only: record.json (0600), agent.sock, agent.log; files.tar while
+                     paused (its /home/user and /tmp, packed and later unpacked by its agent)
+    host-id          the host's stable id (config.with_host_id), unless sandbox_host.host_id is set
     egress/<id>/     0700, owned by the sandbox: its egress proxy socket (bind-mounted read-only)
     unsafe/<id>/     --unsafe-no-isolation only: the sandbox's home and tmp on the host's disk
     toolchain/bin/   --unsafe-no-isolation only: python, pip, npm, npx links (toolchain.py)
@@ -237,7 +245,7 @@ class SandboxManager:
             task.cancel()
 
     async def kill_all(self) -> None:
-        await asyncio.gather(*(self.kill(sid) for sid in list(self.sandboxes)))
+        await asyncio.gather(*(self.kill(sid) for sid in [*self.sandboxes, *self.paused]))
 
     async def _adopt_or_reap(self) -> None:
         adopted_uids: set[int] = set()
@@ -245,7 +253,15 @@ class SandboxManager:
         not_sandboxes = (*roots, self.toolchain_bin.parent)
         for directory in sorted(p for p in self.state_dir.iterdir() if p.is_dir() and p not in not_sandboxes):
             record = self._read_record(directory)
-            if record is not None and record.state == PAUSED and (directory / FILES_ARCHIVE).exists():
+            unsafe_paused = record is not None and record.mode == isolation.UNSAFE and record.state == PAUSED
+            if record is not None and ((directory / FILES_ARCHIVE).exists() or unsafe_paused):
+                if record.state != PAUSED:
+                    # The host stopped during a pause (after the files were safe) or a resume
+                    # (before they were unpacked): it is paused, its files are those of the tar.
+                    await asyncio.to_thread(self._kill_processes, record)
+                    record.state, record.paused_at = PAUSED, time.time()
+                    record.init_pid = record.init_started = record.pid_ns = None
+                    await asyncio.to_thread(_write_json, directory / RECORD_FILE, asdict(record))
                 self.paused[record.sandbox_id] = Sandbox(record, directory)
                 continue
             if record is not None and await self._adopt(record, directory):
@@ -769,7 +785,7 @@ class SandboxManager:
             async with lock:
                 yield
         finally:
-            if not lock.locked() and not lock._waiters:  # type: ignore[attr-defined]
+            if not lock.locked() and not getattr(lock, "_waiters", None):
                 self._transitions.pop(sandbox_id, None)
 
     async def pause(self, sandbox_id: str) -> bool | None:

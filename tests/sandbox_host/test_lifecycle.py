@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 from e2b import AsyncSandbox, Sandbox, SandboxQuery, SandboxState
 from e2b.exceptions import SandboxNotFoundException
@@ -222,3 +223,21 @@ async def test_list_is_newest_first_and_started_after_is_inclusive(host, sdk):
     finally:
         for sb in made:
             await sb.kill()
+
+
+async def test_an_unsafe_hosts_sandbox_pauses_with_its_files_on_disk_and_resumes(tmp_path):
+    async with running_host(tmp_path, unsafe_no_isolation=True) as host:
+        sdk = host.sdk_options()
+        sb = await AsyncSandbox.create(**sdk)
+        await sb.files.write("/home/user/kept.txt", "on the host's disk")
+        await sb.commands.run("sleep 600", background=True, timeout=0)
+        init_pid = record_of(host, sb.sandbox_id)["init_pid"]
+        assert await sb.pause() is True
+        assert not psutil.pid_exists(init_pid) or psutil.Process(init_pid).status() == psutil.STATUS_ZOMBIE
+        assert record_of(host, sb.sandbox_id)["state"] == "paused"
+        await host.restart()
+        assert await info_state(sdk, sb.sandbox_id) == SandboxState.PAUSED
+        resumed = await AsyncSandbox.connect(sb.sandbox_id, **sdk)
+        assert await resumed.files.read("/home/user/kept.txt") == "on the host's disk"
+        assert await resumed.commands.list() == []  # nothing of before the pause runs again
+        await resumed.kill()
