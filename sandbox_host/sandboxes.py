@@ -802,19 +802,21 @@ class SandboxManager:
                 await self._archive(sandbox)
             if self.sandboxes.get(sandbox_id) is not sandbox:
                 return None  # it ended meanwhile (its processes exited)
-            # From here on it is no longer running: requests for it wait for a resume or get 502.
+            # From here on it is paused, in one step (no await between): the control plane always finds
+            # it in one of the two; envd and previews get 502, a connect waits for this pause to end.
+            running = SandboxRecord(**asdict(sandbox.record))  # its processes, to kill them below
+            record = sandbox.record
+            record.state, record.paused_at = PAUSED, time.time()
+            record.init_pid = record.init_started = record.pid_ns = None
             del self.sandboxes[sandbox_id]
+            paused = Sandbox(record, sandbox.directory)
+            self.paused[sandbox_id] = paused
             await sandbox.close_previews()
             if sandbox.egress is not None:
                 await sandbox.egress.close()
             sandbox.release()
-            await asyncio.to_thread(self._kill_processes, sandbox.record)
-            record = sandbox.record
-            record.state, record.paused_at = PAUSED, time.time()
-            record.init_pid = record.init_started = record.pid_ns = None
-            await asyncio.to_thread(self._write_paused, sandbox)
-            paused = Sandbox(record, sandbox.directory)
-            self.paused[sandbox_id] = paused
+            await asyncio.to_thread(self._kill_processes, running)
+            await asyncio.to_thread(self._write_paused, paused)
             sandbox.gone.set()
             log.info("sandbox %s paused in %.0f ms", sandbox_id, (time.monotonic() - started) * 1000)
             return True
@@ -891,13 +893,12 @@ class SandboxManager:
             await asyncio.to_thread(lambda: (sandbox.directory / FILES_ARCHIVE).unlink(missing_ok=True))
         except BaseException:
             self.sandboxes.pop(record.sandbox_id, None)
+            self.paused[record.sandbox_id] = paused  # still paused, its files untouched
             if sandbox.egress is not None:
                 await sandbox.egress.close()
             sandbox.release()
             await asyncio.to_thread(self._kill_processes, record)
-            old.init_pid = old.init_started = old.pid_ns = None
-            await asyncio.to_thread(self._write_paused, paused)  # still paused, its files untouched
-            self.paused[record.sandbox_id] = paused
+            await asyncio.to_thread(self._write_paused, paused)
             raise
         self._arm_timer(sandbox)
 

@@ -128,6 +128,25 @@ async def test_the_sync_sdk_pauses_and_resumes(host, sdk):
     assert await asyncio.to_thread(roundtrip) == (True, False, "paused", "sync", "running")
 
 
+async def test_a_sandbox_being_paused_or_resumed_is_always_found(host, sdk):
+    async with sandbox(sdk) as sb:
+        await sb.commands.run("head -c 30000000 /dev/urandom > /home/user/big.bin")  # a pause that takes a while
+        seen: list[SandboxState] = []
+
+        async def poll(until: asyncio.Task) -> None:
+            while not until.done():
+                seen.append(await info_state(sdk, sb.sandbox_id))  # SandboxNotFoundException fails the test
+                await asyncio.sleep(0.005)
+
+        pausing = asyncio.ensure_future(sb.pause())
+        await poll(pausing)
+        assert pausing.result() is True and seen[-1] in (SandboxState.RUNNING, SandboxState.PAUSED)
+        resuming = asyncio.ensure_future(AsyncSandbox.connect(sb.sandbox_id, **sdk))
+        await poll(resuming)
+        assert await info_state(sdk, sb.sandbox_id) == SandboxState.RUNNING
+        assert (await resuming.result().commands.run("stat -c %s /home/user/big.bin")).stdout.strip() == "30000000"
+
+
 async def test_killing_a_paused_sandbox_removes_it_and_its_files(host, sdk):
     sb = await AsyncSandbox.create(**sdk)
     await sb.pause()
