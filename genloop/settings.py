@@ -184,7 +184,8 @@ class PreviewSettings(_Section):
     keep_awake: int = Field(0, ge=0)  # the newest N READY versions of each project never pause
     retention_days: float = Field(0, ge=0)  # days a version stays served; then its sandbox goes, its URL answers 410
     public_origin: str = ""  # e.g. https://preview.example.com: version URLs become https://<label>.preview.example.com
-    retry_failed_s: float = Field(600, gt=0)  # after a version failed to start again, how long it answers 503 before a retry
+    # after a version failed to start again, how long it answers 503 before a retry
+    retry_failed_s: float = Field(600, gt=0)
 
 
 class Settings(_Section):

@@ -113,19 +113,25 @@ async def test_connect_answers_200_when_running_and_201_when_it_resumed(host, sd
 
 
 async def test_the_sync_sdk_pauses_and_resumes(host, sdk):
-    def roundtrip() -> tuple[bool, bool, str, str, str]:
-        sb = Sandbox.create(**sdk)
+    tag = os.urandom(4).hex()
+
+    def roundtrip() -> tuple[bool, bool, str, list[str], str, str]:
+        sb = Sandbox.create(metadata={"t": tag}, **sdk)
         try:
             sb.files.write("/home/user/note.txt", "sync")
             first = sb.pause()
             second = Sandbox.pause(sb.sandbox_id, **sdk)
             state = Sandbox.get_info(sb.sandbox_id, **sdk).state.value
+            query = SandboxQuery(metadata={"t": tag}, state=[SandboxState.PAUSED])
+            listed = [s.sandbox_id for s in Sandbox.list(query=query, **sdk).next_items()]
             back = Sandbox.connect(sb.sandbox_id, **sdk)
-            return first, second, state, back.files.read("/home/user/note.txt"), back.get_info().state.value
+            return first, second, state, listed, back.files.read("/home/user/note.txt"), back.get_info().state.value
         finally:
             Sandbox.kill(sb.sandbox_id, **sdk)
 
-    assert await asyncio.to_thread(roundtrip) == (True, False, "paused", "sync", "running")
+    first, second, state, listed, note, after = await asyncio.to_thread(roundtrip)
+    assert (first, second, state, note, after) == (True, False, "paused", "sync", "running")
+    assert len(listed) == 1
 
 
 async def test_a_sandbox_being_paused_or_resumed_is_always_found(host, sdk):
