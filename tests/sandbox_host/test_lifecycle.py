@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from typing import Any
 
 import httpx
@@ -36,18 +37,52 @@ async def test_host_id_setting_overrides_the_generated_one(tmp_path):
         assert (await host.health())["host_id"] == "machine-a"
 
 
-async def test_a_worker_paired_with_the_host_polls_the_hosts_queue(tmp_path):
-    from genloop.cli.worker import host_identity, host_queue
-    from genloop.settings import get_settings
+async def test_a_worker_paired_with_the_host_polls_the_hosts_queue(tmp_path, temporal_env):
+    """`genloop worker` with this host as its sandbox API polls `<task_queue>@<host_id>` (and the
+    shared queue), a real worker process against a real dev server."""
+    from temporalio.api.enums.v1 import TaskQueueType
+    from temporalio.api.taskqueue.v1 import TaskQueue
+    from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 
-    async with running_host(tmp_path, host_id="machine-b") as host:
-        settings = get_settings()
-        settings = settings.model_copy(
-            update={"sandbox": settings.sandbox.model_copy(update={"api_url": host.url})}
+    from migrations.apply import upgrade
+
+    db_url = f"sqlite+aiosqlite:///{tmp_path / 'genloop.db'}"
+    await upgrade(db_url)
+    queue = f"paired-{os.urandom(4).hex()}"
+    async with running_host(tmp_path / "host", host_id="machine-b") as host:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("TEMPORAL_", "GENLOOP_", "E2B_"))}
+        env.update(
+            TEMPORAL_ADDRESS=temporal_env.client.service_client.config.target_host,
+            GENLOOP_TEMPORAL_TASK_QUEUE=queue,
+            GENLOOP_DATABASE_URL=db_url,
+            GENLOOP_DATA_DIR=str(tmp_path / "data"),
+            GENLOOP_SANDBOX_API_URL=host.url,
+            GENLOOP_SANDBOX_API_KEY=host.api_key,
+            GENLOOP_WORKER_SWEEP_INTERVAL_S="0",
         )
-        host_id = await host_identity(settings, wait_s=5)
-        assert host_id == "machine-b"
-        assert host_queue(settings, host_id) == f"{settings.temporal.task_queue}@machine-b"
+        with open(tmp_path / "worker.log", "wb") as log:
+            worker = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "genloop.cli", "worker", env=env, stdout=log, stderr=log
+            )
+        try:
+            service = temporal_env.client.workflow_service
+
+            async def pollers(name: str) -> int:
+                request = DescribeTaskQueueRequest(
+                    namespace="default", task_queue=TaskQueue(name=name), task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY
+                )
+                return len((await service.describe_task_queue(request)).pollers)
+
+            for _ in range(300):
+                if await pollers(f"{queue}@machine-b") and await pollers(queue):
+                    break
+                assert worker.returncode is None, (tmp_path / "worker.log").read_text()[-3000:]
+                await asyncio.sleep(0.1)
+            assert await pollers(f"{queue}@machine-b") >= 1, (tmp_path / "worker.log").read_text()[-3000:]
+            assert f"{queue}@machine-b" in (tmp_path / "worker.log").read_text()
+        finally:
+            worker.terminate()
+            await worker.wait()
 
 
 # ------------------------------------------------------------------------------------ pause / resume
