@@ -95,10 +95,12 @@ async def api_process(tmp: Path, port: int, env_settings: dict[str, str]) -> Asy
 async def build_version(client, task_queue: str, repo) -> tuple[str, str]:
     """One template build to READY: (build id, its stable version URL)."""
     build_id = f"b-{uuid.uuid4().hex[:12]}"
-    req = BuildRequest(build_id=build_id, project_id=f"p-{uuid.uuid4().hex[:6]}", goal=f"version {build_id}",
-                       runner="template")
-    handle = await client.start_workflow(WORKFLOW_NAME, req, id=build_id, task_queue=task_queue,
-                                         result_type=BuildResult)
+    req = BuildRequest(
+        build_id=build_id, project_id=f"p-{uuid.uuid4().hex[:6]}", goal=f"version {build_id}", runner="template"
+    )
+    handle = await client.start_workflow(
+        WORKFLOW_NAME, req, id=build_id, task_queue=task_queue, result_type=BuildResult
+    )
     result = await handle.result()
     assert result.status == "ready", result
     job = await repo.get(build_id)
@@ -124,17 +126,26 @@ async def pause(api: httpx.AsyncClient, build_id: str) -> float:
 async def part_a() -> dict[str, list[float]]:
     out: dict[str, list[float]] = {"pause": [], "wake": [], "reserve": [], "at once": []}
     async with common.temp_dir("bench-wake-") as tmp:
-        async with common.dev_server(tmp) as env, \
-                running_host(tmp, max_sandboxes=VERSIONS + 10, default_timeout_s=3600) as host, \
-                common.sqlite_repo(tmp) as repo:
+        async with (
+            common.dev_server(tmp) as env,
+            running_host(tmp, max_sandboxes=VERSIONS + 10, default_timeout_s=3600) as host,
+            common.sqlite_repo(tmp) as repo,
+        ):
             api_port = free_port()
-            sandboxes = SandboxClient(SandboxConfig(api_key=host.api_key, api_url=host.url, template="base",
-                                                    timeout_s=3600))
+            sandboxes = SandboxClient(
+                SandboxConfig(api_key=host.api_key, api_url=host.url, template="base", timeout_s=3600)
+            )
             policy = PreviewPolicy(idle_pause_s=3600, retry_failed_s=60)  # paused by hand only
-            acts = BuildActivities(repo, sandboxes, {"template": TemplateRunner()},
-                                   version_url=lambda label: f"http://{label}.localhost:{api_port}", preview=policy)
-            worker, task_queue = common.worker(env.client, [BuildWorkflow, PreviewWorkflow],
-                                               acts.all() + PreviewActivities(repo, sandboxes).all())
+            acts = BuildActivities(
+                repo,
+                sandboxes,
+                {"template": TemplateRunner()},
+                version_url=lambda label: f"http://{label}.localhost:{api_port}",
+                preview=policy,
+            )
+            worker, task_queue = common.worker(
+                env.client, [BuildWorkflow, PreviewWorkflow], acts.all() + PreviewActivities(repo, sandboxes).all()
+            )
             db_url = f"sqlite+aiosqlite:///{tmp / 'genloop.db'}"
             settings = {
                 "TEMPORAL_ADDRESS": env.client.service_client.config.target_host,
@@ -144,8 +155,12 @@ async def part_a() -> dict[str, list[float]]:
                 "GENLOOP_PREVIEW_WAKE_HOLD_S": "60",
             }
             try:
-                async with worker, api_process(tmp, api_port, settings) as api_url, \
-                        httpx.AsyncClient(base_url=api_url, timeout=60) as api, preview_client(timeout=60) as http:
+                async with (
+                    worker,
+                    api_process(tmp, api_port, settings) as api_url,
+                    httpx.AsyncClient(base_url=api_url, timeout=60) as api,
+                    preview_client(timeout=60) as http,
+                ):
                     versions = [await build_version(env.client, task_queue, repo) for _ in range(VERSIONS)]
                     for build_id, url in versions:  # warm: each version answers once while live
                         await timed_get(http, url, build_id)
@@ -175,10 +190,12 @@ APP = _APP_PY.replace("{goal_html}", repr("a paused version"))
 async def served_sandbox(host: RunningHost, http: httpx.AsyncClient) -> AsyncSandbox:
     """A sandbox like a served version: the template app's files, the app started and answering."""
     sb = await AsyncSandbox.create(timeout=3600, **host.sdk_options())
-    await sb.files.write_files([
-        {"path": "/home/user/project/app.py", "data": APP},
-        {"path": "/home/user/project/Procfile", "data": "web: python3 app.py\n"},
-    ])
+    await sb.files.write_files(
+        [
+            {"path": "/home/user/project/app.py", "data": APP},
+            {"path": "/home/user/project/Procfile", "data": "web: python3 app.py\n"},
+        ]
+    )
     await sb.commands.run("cd /home/user/project && PORT=8080 exec python3 app.py", background=True, timeout=0)
     url = f"http://{sb.get_host(8080)}/health"
     for _ in range(400):
@@ -192,7 +209,8 @@ async def served_sandbox(host: RunningHost, http: httpx.AsyncClient) -> AsyncSan
 def sandbox_processes(host: RunningHost) -> int:
     base = uid_block(host.state_dir)
     return sum(
-        1 for p in psutil.process_iter(["uids"])
+        1
+        for p in psutil.process_iter(["uids"])
         if p.info["uids"] and base <= p.info["uids"].real < base + UID_BLOCK_SIZE
     )
 
@@ -208,8 +226,14 @@ def meminfo() -> dict[str, int]:
 def sample(host: RunningHost, paused: int) -> dict[str, float]:
     info = meminfo()
     disk = sum(f.stat().st_size for f in host.state_dir.glob("*/files.tar"))
-    return {"paused": paused, "tree": common.tree_rss(host.pid), "shmem": info["Shmem"],
-            "used": info["MemTotal"] - info["MemAvailable"], "processes": sandbox_processes(host), "disk": disk}
+    return {
+        "paused": paused,
+        "tree": common.tree_rss(host.pid),
+        "shmem": info["Shmem"],
+        "used": info["MemTotal"] - info["MemAvailable"],
+        "processes": sandbox_processes(host),
+        "disk": disk,
+    }
 
 
 def slope(xs: list[float], ys: list[float]) -> float:
@@ -222,9 +246,11 @@ def slope(xs: list[float], ys: list[float]) -> float:
 async def part_b() -> tuple[list[dict[str, float]], list[float], float]:
     samples: list[dict[str, float]] = []
     pauses: list[float] = []
-    async with common.temp_dir("bench-paused-") as tmp, \
-            running_host(tmp, max_sandboxes=AWAKE + CONCURRENCY + 10, default_timeout_s=3600) as host, \
-            preview_client(timeout=30) as http:
+    async with (
+        common.temp_dir("bench-paused-") as tmp,
+        running_host(tmp, max_sandboxes=AWAKE + CONCURRENCY + 10, default_timeout_s=3600) as host,
+        preview_client(timeout=30) as http,
+    ):
         gate = asyncio.Semaphore(CONCURRENCY)
 
         async def awake_one() -> None:
@@ -248,8 +274,11 @@ async def part_b() -> tuple[list[dict[str, float]], list[float], float]:
             paused += PAUSED_STEP
             await asyncio.sleep(1)
             samples.append(sample(host, paused))
-            print(f"  {paused} paused: host tree {samples[-1]['tree'] / MIB:.0f} MiB, "
-                  f"{samples[-1]['processes']} sandbox processes", flush=True)
+            print(
+                f"  {paused} paused: host tree {samples[-1]['tree'] / MIB:.0f} MiB, "
+                f"{samples[-1]['processes']} sandbox processes",
+                flush=True,
+            )
         elapsed = time.monotonic() - started
         await close_sdk_transports()
     return samples, pauses, elapsed
@@ -261,32 +290,66 @@ async def run() -> None:
     a = await part_a()
     p = common.percentile
     rows = [
-        [f"pause (API pause route → workflow → host), {len(a['pause'])} pauses", common.ms(p(a["pause"], 0.5)),
-         common.ms(p(a["pause"], 0.95)), "p95 ≤ 1 s"],
-        [f"wake: first request to a paused version → 200, {len(a['wake'])} wakes", common.ms(p(a["wake"], 0.5)),
-         common.ms(p(a["wake"], 0.95)), "p50 ≤ 400 ms, p95 ≤ 1 s"],
-        [f"re-serve from stored files → 200, {len(a['reserve'])} times", common.ms(p(a["reserve"], 0.5)),
-         common.ms(p(a["reserve"], 0.95)), "p50 ≤ 1.5 s"],
-        [f"{VERSIONS} paused versions woken at once → all 200, {ROUNDS} rounds", common.ms(p(a["at once"], 0.5)),
-         common.ms(p(a["at once"], 0.95)), "p95 ≤ 3 s"],
+        [
+            f"pause (API pause route → workflow → host), {len(a['pause'])} pauses",
+            common.ms(p(a["pause"], 0.5)),
+            common.ms(p(a["pause"], 0.95)),
+            "p95 ≤ 1 s",
+        ],
+        [
+            f"wake: first request to a paused version → 200, {len(a['wake'])} wakes",
+            common.ms(p(a["wake"], 0.5)),
+            common.ms(p(a["wake"], 0.95)),
+            "p50 ≤ 400 ms, p95 ≤ 1 s",
+        ],
+        [
+            f"re-serve from stored files → 200, {len(a['reserve'])} times",
+            common.ms(p(a["reserve"], 0.5)),
+            common.ms(p(a["reserve"], 0.95)),
+            "p50 ≤ 1.5 s",
+        ],
+        [
+            f"{VERSIONS} paused versions woken at once → all 200, {ROUNDS} rounds",
+            common.ms(p(a["at once"], 0.5)),
+            common.ms(p(a["at once"], 0.95)),
+            "p95 ≤ 3 s",
+        ],
     ]
-    common.print_table("previews: pause, wake, re-serve (genloop stack, template app, local sandbox host)",
-                       ["measure", "p50", "p95", "target"], rows)
+    common.print_table(
+        "previews: pause, wake, re-serve (genloop stack, template app, local sandbox host)",
+        ["measure", "p50", "p95", "target"],
+        rows,
+    )
 
     samples, pauses, elapsed = await part_b()
     xs = [s["paused"] for s in samples]
-    rows = [[int(s["paused"]), f"{s['tree'] / MIB:.0f} MiB", f"{s['used'] / MIB:.0f} MiB",
-             f"{s['shmem'] / MIB:.0f} MiB", int(s["processes"]), f"{s['disk'] / MIB:.1f} MiB"] for s in samples]
-    common.print_table(f"{AWAKE} awake sandboxes plus paused ones ({elapsed:.0f} s to create and pause them)",
-                       ["paused", "host tree RSS", "machine used", "Shmem", "sandbox processes", "files.tar on disk"],
-                       rows)
+    rows = [
+        [
+            int(s["paused"]),
+            f"{s['tree'] / MIB:.0f} MiB",
+            f"{s['used'] / MIB:.0f} MiB",
+            f"{s['shmem'] / MIB:.0f} MiB",
+            int(s["processes"]),
+            f"{s['disk'] / MIB:.1f} MiB",
+        ]
+        for s in samples
+    ]
+    common.print_table(
+        f"{AWAKE} awake sandboxes plus paused ones ({elapsed:.0f} s to create and pause them)",
+        ["paused", "host tree RSS", "machine used", "Shmem", "sandbox processes", "files.tar on disk"],
+        rows,
+    )
     per = {key: slope(xs, [s[key] for s in samples]) for key in ("tree", "used", "shmem", "processes", "disk")}
-    print(f"slope per paused sandbox: host tree RSS {per['tree'] / MIB:.3f} MiB, "
-          f"machine used {per['used'] / MIB:.3f} MiB (shared machine: noisy), "
-          f"Shmem {per['shmem'] / MIB:.3f} MiB, processes {per['processes']:.3f}, "
-          f"disk {per['disk'] / 1024:.1f} KiB (target ≤ 0.5 MiB, 0 processes)")
-    print(f"host-level pause (SDK pause() → 204), {len(pauses)} pauses: p50 {common.ms(p(pauses, 0.5))}, "
-          f"p95 {common.ms(p(pauses, 0.95))}")
+    print(
+        f"slope per paused sandbox: host tree RSS {per['tree'] / MIB:.3f} MiB, "
+        f"machine used {per['used'] / MIB:.3f} MiB (shared machine: noisy), "
+        f"Shmem {per['shmem'] / MIB:.3f} MiB, processes {per['processes']:.3f}, "
+        f"disk {per['disk'] / 1024:.1f} KiB (target ≤ 0.5 MiB, 0 processes)"
+    )
+    print(
+        f"host-level pause (SDK pause() → 204), {len(pauses)} pauses: p50 {common.ms(p(pauses, 0.5))}, "
+        f"p95 {common.ms(p(pauses, 0.95))}"
+    )
 
 
 def main() -> int:

@@ -69,7 +69,9 @@ async def test_a_worker_paired_with_the_host_polls_the_hosts_queue(tmp_path, tem
 
             async def pollers(name: str) -> int:
                 request = DescribeTaskQueueRequest(
-                    namespace="default", task_queue=TaskQueue(name=name), task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY
+                    namespace="default",
+                    task_queue=TaskQueue(name=name),
+                    task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
                 )
                 return len((await service.describe_task_queue(request)).pollers)
 
