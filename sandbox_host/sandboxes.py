@@ -89,6 +89,11 @@ FILES_ARCHIVE = "files.tar"
 # An auto-pausing sandbox's agent ends it this long after its TTL if the host has not paused it
 # by then (the host is down): the agent's own deadline is the backstop that no sandbox outlives.
 AUTO_PAUSE_GRACE_S = 120.0
+# A pause's archive comes from inside the sandbox: the host bounds its size (what the sandbox's two
+# writable tmpfs can hold, plus tar's overhead) and its duration, whatever the sandbox does to it.
+ARCHIVE_SLACK_BYTES = 64 * 1024 * 1024
+ARCHIVE_TIMEOUT_S = 300.0
+ARCHIVE_CHUNK_MAX = 1024 * 1024  # the agent sends 64 KiB chunks
 
 
 class SandboxLimitReached(Exception):
@@ -799,7 +804,10 @@ class SandboxManager:
                 return None
             started = time.monotonic()
             if self.config.isolated:
-                await self._archive(sandbox)
+                try:
+                    await asyncio.wait_for(self._archive(sandbox), ARCHIVE_TIMEOUT_S)
+                except TimeoutError:
+                    raise SandboxPauseError(f"archiving its files took longer than {ARCHIVE_TIMEOUT_S:.0f} s") from None
             if self.sandboxes.get(sandbox_id) is not sandbox:
                 return None  # it ended meanwhile (its processes exited)
             # From here on it is paused, in one step (no await between): the control plane always finds
@@ -836,12 +844,17 @@ class SandboxManager:
         except AgentUnavailable as exc:
             raise SandboxPauseError(f"the sandbox agent is unreachable: {exc}") from None
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        room = 2 * self.config.limits.disk_bytes + ARCHIVE_SLACK_BYTES
+        done = False
         try:
             await stream.read_message()
             while True:
                 size = int.from_bytes(await stream.reader.readexactly(4), "big")
                 if size == 0:
                     break
+                room -= size
+                if room < 0 or size > ARCHIVE_CHUNK_MAX:
+                    raise SandboxPauseError("its archive is larger than its disk could hold")
                 view = memoryview(await stream.reader.readexactly(size))
                 while view:
                     view = view[os.write(fd, view) :]
@@ -849,15 +862,15 @@ class SandboxManager:
             if outcome is None or not outcome.get("ok"):
                 detail = (outcome or {}).get("stderr") or "the agent closed the connection"
                 raise SandboxPauseError(f"archiving the sandbox's files failed: {detail}")
+            done = True
         except (OSError, ValueError, asyncio.IncompleteReadError, AgentCallError) as exc:
             raise SandboxPauseError(f"archiving the sandbox's files failed: {exc}") from None
-        except BaseException:
-            with contextlib.suppress(OSError):
-                part.unlink()
-            raise
         finally:
             os.close(fd)
             await stream.close()
+            if not done:
+                with contextlib.suppress(OSError):
+                    part.unlink()
         os.replace(part, sandbox.directory / FILES_ARCHIVE)
 
     async def resume(self, sandbox_id: str, timeout_s: int) -> tuple[SandboxRecord, bool] | None:
