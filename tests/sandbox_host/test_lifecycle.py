@@ -16,7 +16,8 @@ from e2b import AsyncSandbox, Sandbox, SandboxQuery, SandboxState
 from e2b.exceptions import SandboxNotFoundException
 
 from genloop.http import preview_client
-from sandbox_host.testing import RunningHost, running_host
+from sandbox_host.isolation import ROOTLESS
+from sandbox_host.testing import RunningHost, running_host, unused_uid
 from tests.helpers.sandboxes import pid_namespace_of, processes_in, record_of, sandbox, serve
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -302,4 +303,23 @@ async def test_an_unsafe_hosts_sandbox_pauses_with_its_files_on_disk_and_resumes
         resumed = await AsyncSandbox.connect(sb.sandbox_id, **sdk)
         assert await resumed.files.read("/home/user/kept.txt") == "on the host's disk"
         assert await resumed.commands.list() == []  # nothing of before the pause runs again
+        await resumed.kill()
+
+
+async def test_a_rootless_hosts_sandbox_pauses_and_resumes_across_a_restart(tmp_path):
+    run_as = unused_uid() if os.geteuid() == 0 else None  # as test_rootless.py: an unprivileged host
+    async with running_host(tmp_path, run_as=run_as) as host:
+        assert (await host.health())["mode"] == ROOTLESS
+        sdk = host.sdk_options()
+        sb = await AsyncSandbox.create(**sdk)
+        await sb.files.write("/home/user/project/kept.txt", "rootless")
+        await sb.commands.run("sleep 600", background=True, timeout=0)
+        pid_ns = pid_namespace_of(host, sb.sandbox_id)
+        assert await sb.pause() is True
+        assert_paused_on_disk(host, sb.sandbox_id, pid_ns)
+        await host.restart(crash=True)
+        resumed = await AsyncSandbox.connect(sb.sandbox_id, **sdk)
+        assert await resumed.files.read("/home/user/project/kept.txt") == "rootless"
+        assert await resumed.commands.list() == []
+        assert (await resumed.commands.run("id -u")).stdout.strip() == "1000"
         await resumed.kill()
