@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -117,7 +118,17 @@ class SandboxHostSettings(_Section):
     egress_allowed_networks: list[str] = Field(default_factory=list)
     # The host's stable id (GET /health, the worker's `<task_queue>@<host_id>`); empty: generated once
     # into state_dir/host-id and kept across restarts.
-    host_id: str = Field("", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$|^$")
+    host_id: str = ""
+
+    @field_validator("host_id")
+    @classmethod
+    def _host_id(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", value):
+            raise PydanticCustomError(
+                "host_id", "sandbox_host.host_id={value} must be 1-63 letters, digits, '.', '_' or '-'",
+                {"value": repr(value)},
+            )
+        return value
 
     @field_validator("egress_allowed_networks")
     @classmethod
