@@ -125,7 +125,7 @@ class SandboxHostSettings(_Section):
     def _host_id(cls, value: str) -> str:
         if value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", value):
             raise PydanticCustomError(
-                "host_id", "sandbox_host.host_id={value} must be 1-63 letters, digits, '.', '_' or '-'",
+                "host_id", "{value} is not a host id: use 1-63 letters, digits, '.', '_' or '-'",
                 {"value": repr(value)},
             )
         return value
