@@ -49,6 +49,7 @@ log = logging.getLogger("genloop.activities")
 T = TypeVar("T")
 
 HEARTBEAT_EVERY_S = 2.0
+START_IN_ONE_WRITE = True  # STARTING: the job row and its transition in one transaction (bench levers toggles it)
 STATUS_EVERY_S = 2.0  # how often a runner's progress reaches the build's status message
 INSTALL_TIMEOUT_S = 900
 HEALTH_DEADLINE_S = 60.0
@@ -183,11 +184,17 @@ class BuildActivities:
     @activity.defn(name="record_transition")
     @failures_as_application_errors
     async def record_transition(self, inp: TransitionInput) -> None:
-        if inp.stage == Stage.STARTING.value:
-            await self.repo.create_job(
-                inp.build_id, inp.project_id, inp.goal, workflow_id=inp.workflow_id, run_id=inp.run_id
-            )
         try:
+            if inp.stage == Stage.STARTING.value and START_IN_ONE_WRITE:
+                await self.repo.start_job(
+                    inp.build_id, inp.project_id, inp.goal, workflow_id=inp.workflow_id, run_id=inp.run_id or None,
+                    message=inp.message, at=_parse_at(inp.at),
+                )
+                return
+            if inp.stage == Stage.STARTING.value:
+                await self.repo.create_job(
+                    inp.build_id, inp.project_id, inp.goal, workflow_id=inp.workflow_id, run_id=inp.run_id
+                )
             await self.repo.transition(
                 inp.build_id,
                 Stage(inp.stage),

@@ -19,12 +19,16 @@ EXIT_CONFIG_ERROR = 2
 EXIT_STARTUP_FAILED = 3
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="genloop api", description="Serve the genloop HTTP API.")
     parser.add_argument("--host", help="bind address (default: settings api.host)")
     parser.add_argument("--port", type=int, help="port (default: settings api.port)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
 
     try:
         settings = load_settings()

@@ -17,6 +17,7 @@ BENCHMARKS = {
     "levers": "bench.levers_bench",
     "sandbox-host": "bench.sandbox_host_bench",
     "fix": "bench.fix_bench",
+    "hosts": "bench.hosts_bench",
     "previews": "bench.wake_bench",
 }
 

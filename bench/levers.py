@@ -16,6 +16,7 @@ from typing import Any
 
 import activities.build
 import genloop.http
+import persistence.repository
 from activities.build import BuildActivities
 
 OLD_HEALTH_POLL_S = 0.2
@@ -43,6 +44,17 @@ def slow_health_poll() -> contextlib.AbstractContextManager[None]:
     return _patched(activities.build, "HEALTH_POLL_S", OLD_HEALTH_POLL_S)
 
 
+def orm_transitions() -> contextlib.AbstractContextManager[None]:
+    """persistence.repository before: a transition as an ORM unit of work (SELECT ... FOR UPDATE,
+    SELECT max(seq), UPDATE and INSERT at flush) instead of two Core statements."""
+    return _patched(persistence.repository, "CORE_TRANSITIONS", False)
+
+
+def starting_in_two_writes() -> contextlib.AbstractContextManager[None]:
+    """activities.build before: STARTING inserted the job, then moved it, in two transactions."""
+    return _patched(activities.build, "START_IN_ONE_WRITE", False)
+
+
 @contextlib.contextmanager
 def worker_levers_off() -> Iterator[None]:
     """Both worker-side levers back to their old behaviour."""
@@ -66,6 +78,9 @@ class MemoryRepositoryDouble:
         return None
 
     async def transition(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    async def start_job(self, *args: Any, **kwargs: Any) -> None:
         return None
 
     async def set_sandbox(self, *args: Any, **kwargs: Any) -> None:

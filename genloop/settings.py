@@ -102,6 +102,9 @@ class SandboxHostSettings(_Section):
     api_key: SecretStr = SecretStr("")
     # Host header names served besides loopback ones and *.localhost (DNS-rebinding protection).
     public_hosts: list[str] = Field(default_factory=list)
+    # Where other machines reach this host's previews, `name[:port]`: a sandbox's port is then
+    # `{port}-{sandbox id}.{preview_domain}` (needs wildcard DNS). Empty: `localhost:{port}`, this machine only.
+    preview_domain: str = ""
     default_timeout_s: int = Field(300, ge=1)
     max_timeout_s: int = Field(86400, ge=1)
     max_sandboxes: int = Field(200, ge=1)

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select
+from sqlalchemy import and_, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -30,6 +30,10 @@ _LINEAGE_COLUMNS = frozenset(
 )
 # Keeps IN (...) lists well under SQLite's and PostgreSQL's bound-parameter limits.
 _BLOB_BATCH = 500
+# Transitions as two Core statements instead of an ORM unit of work (bench levers toggles it off).
+CORE_TRANSITIONS = True
+# The stages a build may move to each stage from (the stage table, inverted).
+_SOURCES = {target: [s.value for s in Stage if s is not target and is_allowed(s, target)] for target in Stage}
 
 
 class JobRepository:
@@ -73,30 +77,47 @@ class JobRepository:
         if unknown:
             raise ValueError(f"not lineage columns: {sorted(unknown)}")
         async with self._write() as session:
-            now = utcnow()
-            inserted = await session.execute(
-                self._insert(Job)
-                .values(
-                    id=build_id,
-                    project_id=project_id,
-                    goal=goal,
-                    status=Stage.QUEUED.value,
-                    status_message=Stage.QUEUED.label,
-                    workflow_id=workflow_id,
-                    run_id=run_id,
-                    created_at=now,
-                    updated_at=now,
-                    **lineage,
-                )
-                # A concurrent or repeated create (activity retry) loses quietly instead of raising.
-                .on_conflict_do_nothing(index_elements=["id"])
-                .returning(Job.id)
-            )
-            if inserted.scalar_one_or_none() is not None:
-                session.add(
-                    JobTransition(build_id=build_id, seq=1, stage=Stage.QUEUED.value, message=Stage.QUEUED.label, at=now)
-                )
+            await self._insert_job(session, build_id, project_id, goal, workflow_id, run_id, lineage)
             return await self._locked_job(session, build_id)
+
+    async def start_job(
+        self, build_id: str, project_id: str, goal: str, *, workflow_id: str | None = None,
+        run_id: str | None = None, message: str = "", at: datetime | None = None,
+    ) -> Job:
+        """`create_job` and `transition(STARTING)` in one transaction: the STARTING stage's one write."""
+        async with self._write() as session:
+            await self._insert_job(session, build_id, project_id, goal, workflow_id, run_id, {})
+            return await self._move(session, build_id, Stage.STARTING, message, at, {"run_id": run_id} if run_id else {})
+
+    async def _insert_job(
+        self, session: AsyncSession, build_id: str, project_id: str, goal: str, workflow_id: str | None,
+        run_id: str | None, lineage: dict[str, Any],
+    ) -> None:
+        now = utcnow()
+        inserted = await session.execute(
+            self._insert(Job)
+            .values(
+                id=build_id,
+                project_id=project_id,
+                goal=goal,
+                status=Stage.QUEUED.value,
+                status_message=Stage.QUEUED.label,
+                workflow_id=workflow_id,
+                run_id=run_id,
+                created_at=now,
+                updated_at=now,
+                **lineage,
+            )
+            # A concurrent or repeated create (activity retry) loses quietly instead of raising.
+            .on_conflict_do_nothing(index_elements=["id"])
+            .returning(Job.id)
+        )
+        if inserted.scalar_one_or_none() is not None:
+            await session.execute(
+                insert(JobTransition).values(
+                    build_id=build_id, seq=1, stage=Stage.QUEUED.value, message=Stage.QUEUED.label, at=now
+                )
+            )
 
     async def transition(
         self,
@@ -114,22 +135,64 @@ class JobRepository:
 
         Re-applying the current stage is a no-op (an activity retried after its commit landed).
         """
-        stage = Stage(stage)
-        async with self._write() as session:
-            job = await self._locked_job(session, build_id)
-            if job.stage is stage:
-                return job
-            _check_transition(job, stage)
+        extra = {
+            field: value
             for field, value in (
                 ("error_message", error_message),
                 ("error_detail", error_detail),
                 ("debug_id", debug_id),
                 ("run_id", run_id),
-            ):
-                if value is not None:
-                    setattr(job, field, value)
-            await self._record_transition(session, job, stage, message, at)
+            )
+            if value is not None
+        }
+        async with self._write() as session:
+            return await self._move(session, build_id, Stage(stage), message, at, extra)
+
+    async def _move(
+        self, session: AsyncSession, build_id: str, stage: Stage, message: str, at: datetime | None,
+        extra: dict[str, str],
+    ) -> Job:
+        if CORE_TRANSITIONS:
+            job = await self._transition_in_two_statements(session, build_id, stage, message, at, extra)
+            if job is not None:
+                return job
+        # Not found, the current stage again (a no-op), an illegal move, or the lever off.
+        job = await self._locked_job(session, build_id)
+        if job.stage is stage:
             return job
+        _check_transition(job, stage)
+        for field, value in extra.items():
+            setattr(job, field, value)
+        await self._record_transition(session, job, stage, message, at)
+        return job
+
+    async def _transition_in_two_statements(
+        self, session: AsyncSession, build_id: str, stage: Stage, message: str, at: datetime | None,
+        extra: dict[str, str],
+    ) -> Job | None:
+        """The hot path: an UPDATE that only matches a row in a stage allowed to move to `stage`
+        (the row lock and the validation in one statement) and an INSERT that numbers the
+        transition itself. None when nothing matched: the caller's slow path says why."""
+        text, now = message or stage.label, utcnow()
+        moved = await session.execute(
+            update(Job)
+            .where(Job.id == build_id, Job.status.in_(_SOURCES[stage]))
+            .values(status=stage.value, status_message=text, updated_at=now, **extra)
+            .returning(Job),
+            execution_options={"synchronize_session": False},
+        )
+        job = moved.scalar_one_or_none()
+        if job is None:
+            return None
+        next_seq = (
+            select(func.coalesce(func.max(JobTransition.seq), 0) + 1)
+            .where(JobTransition.build_id == build_id)
+            .scalar_subquery()
+        )
+        await session.execute(
+            insert(JobTransition).values(build_id=build_id, seq=next_seq, stage=stage.value, message=text, at=at or now)
+        )
+        return job
 
     async def set_sandbox(self, build_id: str, sandbox_id: str, workspace_path: str, *, host: str | None = None) -> Job:
         async with self._write() as session:

@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import ctypes
 import errno
+import fcntl
 import grp
 import hashlib
 import hmac
@@ -32,7 +34,10 @@ import resource
 import signal
 import socket
 import stat
+import struct
+import subprocess
 import sys
+import termios
 import time
 
 CHUNK = 64 * 1024
@@ -41,6 +46,25 @@ OUTPUT_QUEUE_SIZE = 256
 # open by background children (`server &`) must not delay the end event forever.
 PIPE_DRAIN_S = 0.2
 PR_SET_DUMPABLE = 4
+# File metadata lives in extended attributes under this prefix, as in envd (the prefix is stripped).
+XATTR_PREFIX = "user.e2b."
+# A filesystem of one of these types is a network mount: watching it needs allow_network_mounts.
+NETWORK_FS_TYPES = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse")
+MAX_WATCHES = 8192  # inotify watches one recursive watcher may hold
+
+# inotify(7)
+IN_MODIFY, IN_ATTRIB, IN_MOVED_FROM, IN_MOVED_TO = 0x2, 0x4, 0x40, 0x80
+IN_CREATE, IN_DELETE, IN_DELETE_SELF, IN_MOVE_SELF = 0x100, 0x200, 0x400, 0x800
+IN_Q_OVERFLOW, IN_IGNORED, IN_ISDIR = 0x4000, 0x8000, 0x40000000
+WATCH_MASK = IN_MODIFY | IN_ATTRIB | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF
+# One inotify event is one or more of envd's event types, in envd's (fsnotify's) order.
+EVENT_TYPES = (
+    (IN_CREATE | IN_MOVED_TO, "create"),
+    (IN_MOVED_FROM | IN_MOVE_SELF, "rename"),
+    (IN_ATTRIB, "chmod"),
+    (IN_MODIFY, "write"),
+    (IN_DELETE | IN_DELETE_SELF, "remove"),
+)
 
 
 class AgentError(Exception):
@@ -125,35 +149,79 @@ def _group_name(gid: int) -> str:
         return str(gid)
 
 
+def read_metadata(local: str) -> dict:
+    """The file's `user.e2b.*` extended attributes, prefix stripped (envd's EntryInfo.metadata)."""
+    try:
+        names = os.listxattr(local)
+    except OSError:
+        return {}
+    metadata = {}
+    for name in names:
+        if name.startswith(XATTR_PREFIX):
+            try:
+                metadata[name[len(XATTR_PREFIX) :]] = os.getxattr(local, name).decode("utf-8", "replace")
+            except OSError:
+                continue
+    return metadata
+
+
+def write_metadata(local: str, metadata: dict) -> None:
+    for key, value in metadata.items():
+        os.setxattr(local, XATTR_PREFIX + str(key), str(value).encode())
+
+
+def _file_type(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISREG(mode):
+        return "file"
+    return "unknown"
+
+
 def entry_info(paths: Paths, local: str) -> dict:
+    """What envd reports for a path (GetEntryInfo): a symlink has its target's type and permission
+    bits and the resolved target in symlink_target (the link itself when it cannot be resolved,
+    with an unknown type); permissions and size are the link's own."""
     st = os.lstat(local)
-    is_symlink = stat.S_ISLNK(st.st_mode)
-    target_type = "unknown"
     symlink_target = None
-    if is_symlink:
-        symlink_target = paths.to_virtual(os.path.realpath(local))
+    if stat.S_ISLNK(st.st_mode):
         try:
-            st_target = os.stat(local)
-            target_type = "dir" if stat.S_ISDIR(st_target.st_mode) else "file"
+            resolved = os.path.realpath(local, strict=True)
+            target = os.stat(resolved)
+            symlink_target = paths.to_virtual(resolved)
+            file_type, mode = _file_type(target.st_mode), target.st_mode & 0o777
         except OSError:
-            target_type = "file"
-    elif stat.S_ISDIR(st.st_mode):
-        target_type = "dir"
+            symlink_target = paths.to_virtual(local)
+            file_type, mode = "unknown", 0
     else:
-        target_type = "file"
+        file_type, mode = _file_type(st.st_mode), st.st_mode & 0o777
+    permissions = stat.filemode(st.st_mode)
+    if permissions.startswith("l"):
+        permissions = "L" + permissions[1:]  # Go's FileMode.String()
     return {
         "name": os.path.basename(local.rstrip("/")) or "/",
-        "type": target_type,
+        "type": file_type,
         "path": paths.to_virtual(local),
         "size": st.st_size,
-        "mode": stat.S_IMODE(st.st_mode),
-        "permissions": stat.filemode(st.st_mode),
+        "mode": mode,
+        "permissions": permissions,
         "owner": _owner_name(st.st_uid),
         "group": _group_name(st.st_gid),
         "mtime": st.st_mtime,
-        "is_symlink": is_symlink,
+        "is_symlink": False,
         "symlink_target": symlink_target,
+        "metadata": read_metadata(local),
     }
+
+
+def _set_winsize(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", max(1, rows), max(1, cols), 0, 0))
+
+
+def _take_controlling_tty() -> None:
+    # Runs in the child after setsid (start_new_session): the pty's slave, its stdin, becomes the
+    # session's controlling terminal, so an interactive shell has job control.
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
 class Proc:
@@ -166,6 +234,8 @@ class Proc:
         self.end: dict | None = None
         self.ended = asyncio.Event()
         self.deadline_exceeded = False
+        self.is_pty = False
+        self.pty_master: int | None = None  # the PTY's master side while the session runs
 
     async def publish(self, event: dict) -> None:
         for queue in list(self.subscribers):
@@ -274,23 +344,40 @@ class Agent:
             raise AgentError("invalid_argument", f"cwd {cwd_virtual!r} does not exist")
         env = dict(self.base_env)
         env.update({str(k): str(v) for k, v in (req.get("envs") or {}).items()})
+        pty_size = req.get("pty")
+        master = slave = None
+        if pty_size is not None:
+            master, slave = os.openpty()
+            _set_winsize(master, int(pty_size.get("rows") or 24), int(pty_size.get("cols") or 80))
+            stdio = {"stdin": slave, "stdout": slave, "stderr": slave, "preexec_fn": _take_controlling_tty}
+        else:
+            stdio = {
+                "stdin": asyncio.subprocess.PIPE if req.get("stdin") else asyncio.subprocess.DEVNULL,
+                "stdout": asyncio.subprocess.PIPE,
+                "stderr": asyncio.subprocess.PIPE,
+            }
         try:
             process = await asyncio.create_subprocess_exec(
                 cmd,
                 *args,
                 cwd=cwd,
                 env=env,
-                stdin=asyncio.subprocess.PIPE if req.get("stdin") else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                # Its own process group, so a kill takes the command's children with it.
+                # Its own process group (and session), so a kill takes the command's children with it.
                 start_new_session=True,
+                **stdio,
             )
-        except OSError as exc:
-            raise AgentError("invalid_argument", f"cannot start {cmd!r}: {os.strerror(exc.errno or 0)}") from None
+        except (OSError, subprocess.SubprocessError) as exc:
+            if master is not None:
+                os.close(master)
+            errno_ = getattr(exc, "errno", None) or 0
+            raise AgentError("invalid_argument", f"cannot start {cmd!r}: {os.strerror(errno_)}") from None
+        finally:
+            if slave is not None:
+                os.close(slave)
         proc = Proc(
             process, {"cmd": cmd, "args": args, "envs": req.get("envs") or {}, "cwd": cwd_virtual}, req.get("tag")
         )
+        proc.is_pty, proc.pty_master = master is not None, master
         self.procs[proc.pid] = proc
         self.sessions.add(proc.pid)
         queue: asyncio.Queue = asyncio.Queue(OUTPUT_QUEUE_SIZE)
@@ -338,27 +425,46 @@ class Agent:
 
     async def _pump(self, proc: Proc, stream: asyncio.StreamReader, name: str) -> None:
         while True:
-            chunk = await stream.read(CHUNK)
+            try:
+                chunk = await stream.read(CHUNK)
+            except OSError:  # a PTY's master reads EIO once no process holds its slave
+                return
             if not chunk:
                 return
             if proc.end is None:
                 await proc.publish({"e": name, "d": base64.b64encode(chunk).decode()})
 
     async def _supervise(self, proc: Proc) -> None:
-        pumps = [
-            asyncio.ensure_future(self._pump(proc, proc.proc.stdout, "stdout")),
-            asyncio.ensure_future(self._pump(proc, proc.proc.stderr, "stderr")),
-        ]
+        transport = None
+        if proc.pty_master is not None:
+            pty_reader = asyncio.StreamReader(limit=2**20)
+            transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(pty_reader), os.fdopen(os.dup(proc.pty_master), "rb", buffering=0)
+            )
+            pumps = [asyncio.ensure_future(self._pump(proc, pty_reader, "pty"))]
+        else:
+            pumps = [
+                asyncio.ensure_future(self._pump(proc, proc.proc.stdout, "stdout")),
+                asyncio.ensure_future(self._pump(proc, proc.proc.stderr, "stderr")),
+            ]
         code = await proc.proc.wait()
         await asyncio.wait(pumps, timeout=PIPE_DRAIN_S)
+        if transport is not None:
+            # Forget the master before closing it: its number may be reused at once.
+            master, proc.pty_master = proc.pty_master, None
+            transport.close()
+            os.close(master)
         if code < 0:
-            try:
-                name = signal.Signals(-code).name[3:].lower()
-            except ValueError:
-                name = str(-code)
+            # Go's ProcessState.String(): "signal: killed", "signal: terminated", ...
+            described = signal.strsignal(-code) or f"signal {-code}"
+            name = described[:1].lower() + described[1:]
             proc.end = {"e": "end", "exit_code": -1, "exited": False, "status": f"signal: {name}"}
         else:
             proc.end = {"e": "end", "exit_code": code, "exited": True, "status": f"exit status {code}"}
+        if code != 0:
+            # envd reports Go's cmd.Wait() error, which is the status for any unsuccessful end.
+            # ("err": an "error" key is how the agent protocol says an operation failed.)
+            proc.end["err"] = proc.end["status"]
         proc.end["deadline_exceeded"] = proc.deadline_exceeded
         await proc.publish(proc.end)
         self.procs.pop(proc.pid, None)
@@ -375,16 +481,40 @@ class Agent:
 
     async def op_send_input(self, req, reader, writer):
         proc = self._select(req)
-        if proc.proc.stdin is None:
-            raise AgentError("invalid_argument", "process was started without stdin")
-        proc.proc.stdin.write(base64.b64decode(req.get("data") or ""))
-        await proc.proc.stdin.drain()
+        data = base64.b64decode(req.get("data") or "")
+        if req.get("pty"):
+            if not proc.is_pty:
+                raise AgentError(
+                    "invalid_argument",
+                    "tty not assigned to process — input should be written to the stdin, not the tty",
+                )
+            await _write_pty(proc, data)
+        else:
+            if proc.is_pty:
+                raise AgentError(
+                    "invalid_argument", "tty assigned to process — input should be written to the pty, not the stdin"
+                )
+            if proc.proc.stdin is None:
+                raise AgentError("invalid_argument", "stdin not enabled or closed")
+            proc.proc.stdin.write(data)
+            await proc.proc.stdin.drain()
         await self._reply(writer, {"ok": True})
 
     async def op_close_stdin(self, req, reader, writer):
         proc = self._select(req)
+        if proc.is_pty:
+            raise AgentError("invalid_argument", "cannot close stdin for PTY process — send Ctrl+D (0x04) instead")
         if proc.proc.stdin is not None:
             proc.proc.stdin.close()
+        await self._reply(writer, {"ok": True})
+
+    async def op_resize(self, req, reader, writer):
+        proc = self._select(req)
+        if not proc.is_pty:
+            raise AgentError("invalid_argument", "tty not assigned to process")
+        if proc.pty_master is None:
+            raise AgentError("not_found", "process not found")
+        _set_winsize(proc.pty_master, int(req.get("rows") or 0), int(req.get("cols") or 0))
         await self._reply(writer, {"ok": True})
 
     # ---------------- files ----------------
@@ -416,6 +546,8 @@ class Agent:
                     f.write(chunk)
                     remaining -= len(chunk)
             os.replace(tmp, local)
+            if req.get("metadata"):
+                write_metadata(local, req["metadata"])
         except (OSError, AgentError) as exc:
             if os.path.lexists(tmp):
                 os.unlink(tmp)
@@ -495,9 +627,97 @@ class Agent:
                 await asyncio.get_running_loop().run_in_executor(None, _rmtree, local)
             else:
                 os.unlink(local)
+        except FileNotFoundError:
+            pass  # as envd (os.RemoveAll): removing what does not exist succeeds
         except OSError as exc:
             raise _os_error(exc, req["path"]) from None
         await self._reply(writer, {"ok": True})
+
+    async def op_watch(self, req, reader, writer):
+        """Stream filesystem events under a directory until the host hangs up (envd's WatchDir)."""
+        path = req.get("path", "")
+        root = self.paths.to_local(path, write=False)
+        try:
+            if not stat.S_ISDIR(os.stat(root).st_mode):
+                raise AgentError("invalid_argument", f"path {path} not a directory")
+        except FileNotFoundError:
+            raise AgentError("not_found", f"path {path} not found") from None
+        except OSError as exc:
+            raise _os_error(exc, path) from None
+        root = os.path.realpath(root)
+        if not req.get("allow_network_mounts") and _on_network_mount(root):
+            raise AgentError("invalid_argument", f"cannot watch path on network filesystem: {path}")
+        watcher = _Inotify()
+        try:
+            await self._watch(watcher, root, bool(req.get("recursive")), bool(req.get("include_entry")), reader, writer)
+        finally:
+            watcher.close()
+
+    async def _watch(self, watcher, root, recursive, include_entry, reader, writer) -> None:
+        dirs: dict[int, str] = {}
+
+        def add(directory: str, top: bool = False) -> None:
+            try:
+                dirs[watcher.add(directory)] = directory
+            except OSError as exc:
+                if top:
+                    raise _os_error(exc, self.paths.to_virtual(directory)) from None
+                return
+            if recursive:
+                try:
+                    with os.scandir(directory) as it:
+                        subdirs = [e.path for e in it if e.is_dir(follow_symlinks=False)]
+                except OSError:
+                    return
+                for sub in subdirs:
+                    if len(dirs) < MAX_WATCHES:
+                        add(sub)
+
+        add(root, top=True)
+        ready = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_reader(watcher.fd, ready.set)
+        hangup = asyncio.ensure_future(reader.read())
+        try:
+            writer.write(b'{"e": "start"}\n')
+            await writer.drain()
+            while True:
+                woke = asyncio.ensure_future(ready.wait())
+                await asyncio.wait({woke, hangup}, return_when=asyncio.FIRST_COMPLETED)
+                if not woke.done():
+                    woke.cancel()
+                    return
+                ready.clear()
+                for wd, mask, name in watcher.read():
+                    if mask & IN_Q_OVERFLOW:
+                        raise AgentError("internal", "watcher error: event queue overflow")
+                    directory = dirs.get(wd)
+                    if directory is None:
+                        continue
+                    if mask & IN_IGNORED:
+                        dirs.pop(wd, None)
+                        continue
+                    if mask & (IN_DELETE_SELF | IN_MOVE_SELF) and directory != root:
+                        continue  # the parent's watch reports it
+                    full = os.path.join(directory, name) if name else directory
+                    if recursive and mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO) and len(dirs) < MAX_WATCHES:
+                        add(full)
+                    for bits, kind in EVENT_TYPES:
+                        if not mask & bits:
+                            continue
+                        event = {"e": "fs", "name": os.path.relpath(full, root), "type": kind, "entry": None}
+                        if include_entry:
+                            try:
+                                event["entry"] = entry_info(self.paths, full)
+                            except OSError:
+                                pass  # gone again (a remove, a rename away)
+                        writer.write(json.dumps(event).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            loop.remove_reader(watcher.fd)
+            hangup.cancel()
 
     async def op_move(self, req, reader, writer):
         source = self.paths.to_local(req.get("source", ""), write=True)
@@ -600,6 +820,68 @@ class Agent:
         if remaining or code != 0:
             raise AgentError("internal", f"restoring the files failed (tar exit {code}): {message.strip()}")
         await self._reply(writer, {"ok": True})
+
+
+class _Inotify:
+    """inotify(7) through libc, standard library only."""
+
+    def __init__(self):
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise AgentError("resource_exhausted", f"error creating watcher: {os.strerror(err)}")
+        self.fd = fd
+
+    def add(self, path: str) -> int:
+        wd = self._libc.inotify_add_watch(self.fd, os.fsencode(path), WATCH_MASK)
+        if wd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path)
+        return wd
+
+    def read(self) -> list[tuple[int, int, str]]:
+        try:
+            data = os.read(self.fd, 256 * 1024)
+        except BlockingIOError:
+            return []
+        events, offset = [], 0
+        while offset + 16 <= len(data):
+            wd, mask, _cookie, length = struct.unpack_from("iIII", data, offset)
+            name = data[offset + 16 : offset + 16 + length].rstrip(b"\0")
+            events.append((wd, mask, os.fsdecode(name)))
+            offset += 16 + length
+        return events
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _on_network_mount(path: str) -> bool:
+    """Whether path lies on an NFS/CIFS/SMB/FUSE mount (the mount with the longest matching point)."""
+    best, fs_type = "", ""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                point = left.split()[4].encode().decode("unicode_escape")
+                if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+                    best, fs_type = point, right.split()[0]
+    except (OSError, IndexError):
+        return False
+    return fs_type.split(".")[0] in NETWORK_FS_TYPES
+
+
+async def _write_pty(proc: Proc, data: bytes) -> None:
+    """Write all of data to a PTY's (non-blocking) master, unless the session ends meanwhile."""
+    view = memoryview(data)
+    while view:
+        if proc.end is not None or proc.pty_master is None:
+            raise AgentError("not_found", "process not found")
+        try:
+            view = view[os.write(proc.pty_master, view) :]
+        except BlockingIOError:
+            await asyncio.sleep(0.01)
 
 
 def _rmtree(path: str) -> None:

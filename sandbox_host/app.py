@@ -11,17 +11,15 @@ the host does not know gets 421 and nothing is forwarded.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import hmac
-import time
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import Message, Receive, Scope, Send
 
-from genloop.http import HostNames
+from genloop.http import HostNames, host_name, is_localhost_name
 from sandbox_host import envd
+from sandbox_host.cloud import cloud_only_feature, cloud_only_message
 from sandbox_host.config import HostConfig
 from sandbox_host.control import ControlPlane
 from sandbox_host.preview import PreviewProxy, parse_preview_host
@@ -35,37 +33,33 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def _signature_valid(request: Request, operation: str, token: str) -> bool:
-    """The SDK's v1 signed file URLs (e2b/sandbox/signature.py), for download_url/upload_url."""
-    params = request.query_params
-    signature = params.get("signature")
-    if not signature:
-        return False
-    path, user, expiration = params.get("path", ""), params.get("username", ""), params.get("signature_expiration")
-    if expiration is not None:
-        if not expiration.isdigit() or int(expiration) < time.time():
-            return False
-        raw = f"{path}:{operation}:{user}:{token}:{expiration}"
-    else:
-        raw = f"{path}:{operation}:{user}:{token}"
-    expected = "v1_" + base64.b64encode(hashlib.sha256(raw.encode()).digest()).rstrip(b"=").decode()
-    return hmac.compare_digest(signature, expected)
-
-
 class _LimitedReceive:
     """Counts an upload's bytes as they arrive and stops it at the limit (413, never a 500)."""
 
     def __init__(self, receive: Receive, limit: int):
         self._receive = receive
-        self._remaining = limit
+        self._limit = self._remaining = limit
+        self.body_done = False
 
     async def __call__(self) -> Message:
         message = await self._receive()
         if message["type"] == "http.request":
+            self.body_done = not message.get("more_body", False)
             self._remaining -= len(message.get("body", b""))
             if self._remaining < 0:
                 raise envd.UploadTooLarge()
+        else:
+            self.body_done = True
         return message
+
+    async def drain(self) -> None:
+        """Read (and drop) what is left of a refused upload, up to a few times the limit, so the
+        client reads the 413 instead of a connection reset while it is still sending."""
+        budget = 4 * self._limit
+        while not self.body_done and budget > 0:
+            message = await self._receive()
+            budget -= len(message.get("body", b""))
+            self.body_done = message["type"] != "http.request" or not message.get("more_body", False)
 
 
 class HostApp:
@@ -74,7 +68,8 @@ class HostApp:
         self.config = config
         assert config.api_key, "HostConfig.with_api_key() first: the control plane always requires a key"
         self.api_key = config.api_key.encode()
-        self.host_names = HostNames(config.host, config.public_hosts, localhost_subdomains=True)
+        preview_names = [] if is_localhost_name(host_name(config.preview_domain)) else [f"*.{config.preview_domain}"]
+        self.host_names = HostNames(config.host, [*config.public_hosts, *preview_names], localhost_subdomains=True)
         self.control = ControlPlane(manager, config).app()
         # An auto-resumed sandbox gets at least 300 s before its timeout, as on E2B.
         resume_timeout_s = min(max(config.default_timeout_s, 300), config.max_timeout_s)
@@ -96,6 +91,12 @@ class HostApp:
             await self.preview(scope, receive, send, *preview)
             return
         sandbox_id = _header(scope, b"e2b-sandbox-id")
+        if sandbox_id is None and scope["path"] == "/files" and "signature=" in scope["query_string"].decode("latin-1"):
+            # A signed file URL of the SDK in sandbox_url mode: its signature names the sandbox.
+            sandbox_id = envd.signed_sandbox_id(self.manager, Request(scope).query_params, scope["method"])
+            if sandbox_id is None:
+                await envd.error_response(401, "invalid signature")(scope, receive, send)
+                return
         if sandbox_id is not None:
             await self._envd(scope, receive, send, sandbox_id)
             return
@@ -111,19 +112,25 @@ class HostApp:
         if not self._api_key_ok(_header(scope, b"x-api-key")):
             await envd.error_response(401, "invalid or missing API key (X-API-Key)")(scope, receive, send)
             return
+        if (feature := cloud_only_feature(scope["path"])) is not None:
+            await envd.error_response(501, cloud_only_message(feature))(scope, receive, send)
+            return
         await self.control(scope, receive, send)
 
     def _api_key_ok(self, presented: str | None) -> bool:
         return bool(presented) and hmac.compare_digest(presented.encode(), self.api_key)
 
-    def _access_ok(self, scope: Scope, request: Request, sandbox: Sandbox) -> bool:
+    def _access_error(self, scope: Scope, request: Request, sandbox: Sandbox) -> str | None:
+        """None when the request may use this sandbox's envd; otherwise why not (envd's wording)."""
         token = sandbox.record.access_token
         presented = _header(scope, b"x-access-token")
         if presented is not None:
-            return hmac.compare_digest(presented.encode(), token.encode())
-        if scope["path"] == "/files":
-            return _signature_valid(request, "read" if scope["method"] == "GET" else "write", token)
-        return False
+            if hmac.compare_digest(presented.encode(), token.encode()):
+                return None
+            return "invalid or missing access token (X-Access-Token)"
+        if scope["path"] == "/files":  # the SDK's signed download_url/upload_url
+            return envd.signature_error(request.query_params, scope["method"], token)
+        return "invalid or missing access token (X-Access-Token)"
 
     async def _envd(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str) -> None:
         sandbox = self.manager.get(sandbox_id)
@@ -131,8 +138,8 @@ class HostApp:
             await envd.sandbox_gone_response(sandbox_id)(scope, receive, send)
             return
         request = Request(scope, receive)
-        if not self._access_ok(scope, request, sandbox):
-            await envd.error_response(401, "invalid or missing access token (X-Access-Token)")(scope, receive, send)
+        if (denied := self._access_error(scope, request, sandbox)) is not None:
+            await envd.error_response(401, denied)(scope, receive, send)
             return
         path, method = scope["path"], scope["method"]
         if path == "/health" and method == "GET":
@@ -140,11 +147,13 @@ class HostApp:
         elif path == "/files" and method == "GET":
             response = await envd.read_file(request, sandbox)
         elif path == "/files" and method == "POST":
-            limited = Request(scope, _LimitedReceive(receive, self.config.max_upload_bytes))
+            limited = _LimitedReceive(receive, self.config.max_upload_bytes)
             try:
-                response = await envd.write_files(limited, sandbox, self.config.max_upload_bytes)
+                response = await envd.write_files(Request(scope, limited), sandbox, self.config.max_upload_bytes)
             except envd.UploadTooLarge:
                 response = envd.error_response(413, f"upload exceeds the limit of {self.config.max_upload_bytes} bytes")
+            if response.status_code == 413:
+                await limited.drain()
         else:
             app = next((a for prefix, a in self.connect_apps.items() if path.startswith(prefix)), None)
             if app is None:

@@ -13,9 +13,10 @@ from pathlib import Path
 from genloop.settings import ConfigError, Settings
 from sandbox_host.isolation import Limits, host_mode
 
-# The envd version the host claims: enables octet-stream uploads (0.5.7) and everything before it,
-# but not file metadata (0.6.2) or watch options the agent does not implement.
-ENVD_VERSION = "0.5.7"
+# The envd version the host claims, the newest whose every SDK gate (e2b/envd/versions.py) it
+# implements: octet-stream uploads (0.5.7), file metadata (0.6.2), entry info in watch events (0.6.3)
+# and allow_network_mounts (0.6.4).
+ENVD_VERSION = "0.6.4"
 TEMPLATE_ALIAS = "base"
 
 
@@ -27,6 +28,7 @@ class HostConfig:
     api_key: str | None  # None until `with_api_key()`: then the configured or the generated key
     key_file: Path
     public_hosts: tuple[str, ...]
+    preview_domain: str  # `name[:port]` previews are reached under (`{port}-{id}.{preview_domain}`)
     default_timeout_s: int
     max_timeout_s: int
     max_sandboxes: int
@@ -49,6 +51,7 @@ class HostConfig:
             api_key=section.api_key.get_secret_value() or None,
             key_file=settings.sandbox_host_key_file,
             public_hosts=tuple(section.public_hosts),
+            preview_domain=section.preview_domain or f"localhost:{section.port}",
             default_timeout_s=section.default_timeout_s,
             max_timeout_s=section.max_timeout_s,
             max_sandboxes=section.max_sandboxes,

@@ -60,7 +60,7 @@ class ControlPlane:
     def __init__(self, manager: SandboxManager, config: HostConfig):
         self.manager = manager
         self.config = config
-        self.domain = f"localhost:{config.port}"
+        self.domain = config.preview_domain
 
     # ------------------------------------------------------------------ bodies
     def _created(self, record: SandboxRecord) -> dict[str, Any]:
@@ -288,6 +288,13 @@ class ControlPlane:
         return Response(status_code=204)
 
     async def unsupported(self, request: Request) -> Response:
+        if request.url.path.endswith(("/snapshots", "/fork")):
+            feature = "snapshots" if request.url.path.endswith("/snapshots") else "fork"
+            message = (
+                f"{feature} of a sandbox are not supported by the local sandbox host: it pauses a sandbox "
+                "with its files (pause, then connect to resume)"
+            )
+            return error_response(501, message)
         return error_response(501, f"{request.method} {request.url.path} is not supported by the local sandbox host")
 
     def app(self) -> Starlette:

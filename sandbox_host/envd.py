@@ -11,7 +11,12 @@ import asyncio
 import base64
 import contextlib
 import datetime
+import hashlib
+import hmac
+import re
+import secrets
 import tempfile
+import time
 import zlib
 from collections.abc import AsyncIterator
 from typing import IO, Any
@@ -66,6 +71,45 @@ def sandbox_gone_response(sandbox_id: str) -> JSONResponse:
 
 def error_response(status: int, message: str) -> JSONResponse:
     return JSONResponse({"code": status, "message": message}, status)
+
+
+# ---------------------------------------------------------------------------------------- signed URLs
+def _expected_signature(query, operation: str, token: str) -> str:
+    """The SDK's v1 signature of a file URL (e2b/sandbox/signature.py, envd's generateSignature)."""
+    path, user, expiration = query.get("path", ""), query.get("username", ""), query.get("signature_expiration")
+    parts = [path, operation, user, token] + ([expiration] if expiration is not None else [])
+    return "v1_" + base64.b64encode(hashlib.sha256(":".join(parts).encode()).digest()).rstrip(b"=").decode()
+
+
+def _operation(method: str) -> str:
+    return "read" if method == "GET" else "write"
+
+
+def signature_error(query, method: str, token: str) -> str | None:
+    """None when the file URL's signature is valid now; otherwise envd's message for it."""
+    signature = query.get("signature")
+    if not signature:
+        return "missing signature query parameter"
+    if not hmac.compare_digest(signature.encode(), _expected_signature(query, _operation(method), token).encode()):
+        return "invalid signature"
+    expiration = query.get("signature_expiration")
+    if expiration is not None and (not expiration.isdigit() or int(expiration) < time.time()):
+        return "signature is already expired"
+    return None
+
+
+def signed_sandbox_id(manager: SandboxManager, query, method: str) -> str | None:
+    """The sandbox whose access token signed this file URL. With an explicit sandbox URL
+    (`sandbox_url`, E2B_SANDBOX_URL) the SDK's download_url/upload_url name no sandbox, only the
+    signature does: only that sandbox's token produces it."""
+    if not query.get("signature"):
+        return None
+    operation = _operation(method)
+    for sandbox in manager.list():
+        expected = _expected_signature(query, operation, sandbox.record.access_token)
+        if hmac.compare_digest(query["signature"].encode(), expected.encode()):
+            return sandbox.sandbox_id
+    return None
 
 
 class UploadTooLarge(Exception):
@@ -125,6 +169,18 @@ class _Services:
         except AgentUnavailable:
             raise await self.gone_error(sandbox) from None
 
+    async def stream_ended_error(self, sandbox: Sandbox) -> ConnectError:
+        """A stream whose sandbox went away under it ends as E2B's edge ends it: UNAVAILABLE with a
+        message that does not say why, so the SDK probes the sandbox's health (502 "not found" once it
+        is gone) and raises SandboxNotRunningException "... reached its end of life while the request
+        was in flight"."""
+        error = await self.gone_error(sandbox)
+        if not sandbox.gone.is_set():
+            return error
+        return ConnectError(
+            Code.UNAVAILABLE, f"the connection to sandbox {sandbox.sandbox_id} ended before the stream completed"
+        )
+
     @staticmethod
     async def gone_error(sandbox: Sandbox) -> ConnectError:
         # An agent that stops answering is almost always a sandbox being torn down: give the host a
@@ -149,11 +205,11 @@ def _process_event(event: dict[str, Any]) -> process_pb.ProcessEvent:
     kind = event["e"]
     if kind == "start":
         return process_pb.ProcessEvent(event=Oneof("start", process_pb.ProcessEvent.StartEvent(pid=event["pid"])))
-    if kind in ("stdout", "stderr"):
+    if kind in ("stdout", "stderr", "pty"):
         data = process_pb.ProcessEvent.DataEvent(output=Oneof(kind, base64.b64decode(event["d"])))
         return process_pb.ProcessEvent(event=Oneof("data", data))
     end = process_pb.ProcessEvent.EndEvent(
-        exit_code=event["exit_code"], exited=event["exited"], status=event["status"], error=event.get("error")
+        exit_code=event["exit_code"], exited=event["exited"], status=event["status"], error=event.get("err")
     )
     return process_pb.ProcessEvent(event=Oneof("end", end))
 
@@ -165,8 +221,11 @@ def _keepalive_interval(ctx) -> float:
         return DEFAULT_KEEPALIVE_S
 
 
+_FILE_TYPES = {"file": filesystem_pb.FileType.FILE, "dir": filesystem_pb.FileType.DIRECTORY}
+
+
 def _entry(entry: dict[str, Any]) -> filesystem_pb.EntryInfo:
-    file_type = filesystem_pb.FileType.DIRECTORY if entry["type"] == "dir" else filesystem_pb.FileType.FILE
+    file_type = _FILE_TYPES.get(entry["type"], filesystem_pb.FileType.UNSPECIFIED)
     return filesystem_pb.EntryInfo(
         name=entry["name"],
         type=file_type,
@@ -179,6 +238,7 @@ def _entry(entry: dict[str, Any]) -> filesystem_pb.EntryInfo:
         modified_time=Timestamp.from_datetime(datetime.datetime.fromtimestamp(entry["mtime"], datetime.UTC)),
         symlink_target=entry["symlink_target"],
         is_symlink=entry["is_symlink"],
+        metadata=entry.get("metadata") or {},
     )
 
 
@@ -186,9 +246,8 @@ def _entry(entry: dict[str, Any]) -> filesystem_pb.EntryInfo:
 class ProcessService(_Services, process_connect.Process):
     async def start(self, request: process_pb.StartRequest, ctx) -> AsyncIterator[process_pb.StartResponse]:
         sandbox = self.sandbox(ctx)
-        if request.pty is not None:
-            raise ConnectError(Code.UNIMPLEMENTED, "PTY sessions are not supported by the local sandbox host")
         config = request.process or process_pb.ProcessConfig()
+        size = request.pty.size if request.pty is not None else None
         stream = await self.open(
             sandbox,
             "start",
@@ -199,6 +258,7 @@ class ProcessService(_Services, process_connect.Process):
             stdin=request.stdin if request.has_field("stdin") else True,
             tag=request.tag if request.has_field("tag") else None,
             timeout_ms=ctx.timeout_ms,
+            pty=None if request.pty is None else {"rows": size.rows if size else 0, "cols": size.cols if size else 0},
         )
         async for event in self._relay(sandbox, stream, ctx):
             yield process_pb.StartResponse(event=event)
@@ -225,7 +285,7 @@ class ProcessService(_Services, process_connect.Process):
                 except (OSError, ValueError):
                     message = None
                 if message is None:
-                    raise await self.gone_error(sandbox)
+                    raise await self.stream_ended_error(sandbox)
                 if message.get("deadline_exceeded"):
                     # As envd: the stream's deadline ended the process, and the stream with it.
                     raise ConnectError(Code.DEADLINE_EXCEEDED, "the command's deadline (Connect-Timeout-Ms) expired")
@@ -255,15 +315,41 @@ class ProcessService(_Services, process_connect.Process):
         return process_pb.SendSignalResponse()
 
     async def send_input(self, request: process_pb.SendInputRequest, ctx) -> process_pb.SendInputResponse:
-        match request.input.input if request.input is not None else None:
-            case Oneof(field="stdin", value=data):
+        await self._send_input(self.sandbox(ctx), request.process, request.input)
+        return process_pb.SendInputResponse()
+
+    async def _send_input(
+        self, sandbox: Sandbox, selector: process_pb.ProcessSelector | None, data: process_pb.ProcessInput | None
+    ) -> None:
+        match data.input if data is not None else None:
+            case Oneof(field="stdin" | "pty" as kind, value=raw):
                 pass
             case _:
-                raise ConnectError(Code.INVALID_ARGUMENT, "only stdin input is supported")
-        await self.call(
-            self.sandbox(ctx), "send_input", data=base64.b64encode(data).decode(), **_selector(request.process)
-        )
-        return process_pb.SendInputResponse()
+                raise ConnectError(Code.INVALID_ARGUMENT, "input must be stdin or pty data")
+        fields = _selector(selector)
+        await self.call(sandbox, "send_input", data=base64.b64encode(raw).decode(), pty=kind == "pty", **fields)
+
+    async def stream_input(self, request: AsyncIterator[process_pb.StreamInputRequest], ctx):
+        """Ordered input: a start event naming the process, then data events (and keepalives)."""
+        sandbox = self.sandbox(ctx)
+        selector = None
+        async for message in request:
+            match message.event:
+                case Oneof(field="start", value=start):
+                    selector = start.process
+                    _selector(selector)
+                case Oneof(field="data", value=data):
+                    if selector is None:
+                        raise ConnectError(Code.INVALID_ARGUMENT, "the input stream must start with a start event")
+                    await self._send_input(sandbox, selector, data.input)
+        return process_pb.StreamInputResponse()
+
+    async def update(self, request: process_pb.UpdateRequest, ctx) -> process_pb.UpdateResponse:
+        size = request.pty.size if request.pty is not None else None
+        if size is None:
+            raise ConnectError(Code.INVALID_ARGUMENT, "a PTY size is required")
+        await self.call(self.sandbox(ctx), "resize", rows=size.rows, cols=size.cols, **_selector(request.process))
+        return process_pb.UpdateResponse()
 
     async def close_stdin(self, request: process_pb.CloseStdinRequest, ctx) -> process_pb.CloseStdinResponse:
         await self.call(self.sandbox(ctx), "close_stdin", **_selector(request.process))
@@ -271,7 +357,156 @@ class ProcessService(_Services, process_connect.Process):
 
 
 # ---------------------------------------------------------------------------------------- filesystem
+MAX_WATCHERS_PER_SANDBOX = 64
+# A polling watcher nobody polls must not grow without bound in the host's memory.
+MAX_UNREAD_EVENTS = 65536
+_EVENT_TYPES = {
+    "create": filesystem_pb.EventType.CREATE,
+    "write": filesystem_pb.EventType.WRITE,
+    "remove": filesystem_pb.EventType.REMOVE,
+    "rename": filesystem_pb.EventType.RENAME,
+    "chmod": filesystem_pb.EventType.CHMOD,
+}
+
+
+def _fs_event(message: dict[str, Any]) -> filesystem_pb.FilesystemEvent:
+    entry = message.get("entry")
+    return filesystem_pb.FilesystemEvent(
+        name=message["name"], type=_EVENT_TYPES[message["type"]], entry=_entry(entry) if entry else None
+    )
+
+
+class _Watcher:
+    """A CreateWatcher watch: its agent stream, and the events nobody has fetched yet."""
+
+    def __init__(self, sandbox_id: str, stream: AgentStream):
+        self.sandbox_id = sandbox_id
+        self.stream = stream
+        self.events: list[filesystem_pb.FilesystemEvent] = []
+        self.error: ConnectError | None = None
+        self.task = asyncio.ensure_future(self._collect())
+
+    async def _collect(self) -> None:
+        try:
+            while (message := await self.stream.read_message()) is not None:
+                if len(self.events) >= MAX_UNREAD_EVENTS:
+                    self.error = ConnectError(
+                        Code.RESOURCE_EXHAUSTED, f"watcher error: more than {MAX_UNREAD_EVENTS} unread events"
+                    )
+                    await self.stream.close()
+                    return
+                self.events.append(_fs_event(message))
+            self.error = ConnectError(Code.INTERNAL, "watcher event channel closed")
+        except AgentCallError as exc:
+            self.error = ConnectError(_CONNECT_CODES.get(exc.code, Code.INTERNAL), exc.message)
+        except (OSError, ValueError):
+            self.error = ConnectError(Code.INTERNAL, "watcher event channel closed")
+
+    async def close(self) -> None:
+        self.task.cancel()
+        await self.stream.close()
+
+
 class FilesystemService(_Services, filesystem_connect.Filesystem):
+    def __init__(self, manager: SandboxManager):
+        super().__init__(manager)
+        self._watchers: dict[str, _Watcher] = {}
+
+    async def _open_watch(self, sandbox: Sandbox, request) -> AgentStream:
+        stream = await self.open(
+            sandbox,
+            "watch",
+            path=request.path,
+            recursive=request.recursive,
+            include_entry=request.include_entry,
+            allow_network_mounts=request.allow_network_mounts,
+        )
+        try:
+            started = await stream.read_message()
+        except AgentCallError as exc:
+            await stream.close()
+            raise ConnectError(_CONNECT_CODES.get(exc.code, Code.INTERNAL), exc.message) from None
+        except (OSError, ValueError):
+            started = None
+        if started is None:
+            await stream.close()
+            raise await self.gone_error(sandbox)
+        return stream
+
+    async def watch_dir(
+        self, request: filesystem_pb.WatchDirRequest, ctx
+    ) -> AsyncIterator[filesystem_pb.WatchDirResponse]:
+        sandbox = self.sandbox(ctx)
+        stream = await self._open_watch(sandbox, request)
+        keepalive = _keepalive_interval(ctx)
+        timeout_ms = ctx.timeout_ms
+        deadline = None if timeout_ms is None else asyncio.get_running_loop().time() + timeout_ms / 1000
+        try:
+            yield filesystem_pb.WatchDirResponse(event=Oneof("start", filesystem_pb.WatchDirResponse.StartEvent()))
+            while True:
+                wait = keepalive
+                if deadline is not None:
+                    wait = min(wait, deadline - asyncio.get_running_loop().time())
+                    if wait <= 0:
+                        raise ConnectError(Code.DEADLINE_EXCEEDED, "the watch's deadline (Connect-Timeout-Ms) expired")
+                try:
+                    message = await asyncio.wait_for(stream.read_message(), wait)
+                except TimeoutError:
+                    if deadline is None or asyncio.get_running_loop().time() < deadline:
+                        keep = filesystem_pb.WatchDirResponse.KeepAlive()
+                        yield filesystem_pb.WatchDirResponse(event=Oneof("keepalive", keep))
+                    continue
+                except AgentCallError as exc:
+                    raise ConnectError(_CONNECT_CODES.get(exc.code, Code.INTERNAL), exc.message) from None
+                except (OSError, ValueError):
+                    message = None
+                if message is None:
+                    raise await self.stream_ended_error(sandbox)
+                yield filesystem_pb.WatchDirResponse(event=Oneof("filesystem", _fs_event(message)))
+        finally:
+            await stream.close()
+
+    async def create_watcher(
+        self, request: filesystem_pb.CreateWatcherRequest, ctx
+    ) -> filesystem_pb.CreateWatcherResponse:
+        sandbox = self.sandbox(ctx)
+        for watcher_id, watcher in list(self._watchers.items()):  # those of sandboxes that ended
+            if self._manager.get(watcher.sandbox_id) is None:
+                del self._watchers[watcher_id]
+                await watcher.close()
+        if sum(w.sandbox_id == sandbox.sandbox_id for w in self._watchers.values()) >= MAX_WATCHERS_PER_SANDBOX:
+            raise ConnectError(
+                Code.RESOURCE_EXHAUSTED, f"a sandbox may have at most {MAX_WATCHERS_PER_SANDBOX} watchers"
+            )
+        stream = await self._open_watch(sandbox, request)
+        watcher_id = "w" + secrets.token_hex(10)
+        self._watchers[watcher_id] = _Watcher(sandbox.sandbox_id, stream)
+        return filesystem_pb.CreateWatcherResponse(watcher_id=watcher_id)
+
+    def _watcher(self, sandbox: Sandbox, watcher_id: str) -> _Watcher:
+        watcher = self._watchers.get(watcher_id)
+        if watcher is None or watcher.sandbox_id != sandbox.sandbox_id:
+            raise ConnectError(Code.NOT_FOUND, f"watcher with id {watcher_id} not found")
+        return watcher
+
+    async def get_watcher_events(
+        self, request: filesystem_pb.GetWatcherEventsRequest, ctx
+    ) -> filesystem_pb.GetWatcherEventsResponse:
+        sandbox = self.sandbox(ctx)
+        watcher = self._watcher(sandbox, request.watcher_id)
+        if watcher.error is not None and not watcher.events:
+            raise watcher.error
+        events, watcher.events = watcher.events, []
+        return filesystem_pb.GetWatcherEventsResponse(events=events)
+
+    async def remove_watcher(
+        self, request: filesystem_pb.RemoveWatcherRequest, ctx
+    ) -> filesystem_pb.RemoveWatcherResponse:
+        watcher = self._watcher(self.sandbox(ctx), request.watcher_id)
+        del self._watchers[request.watcher_id]
+        await watcher.close()
+        return filesystem_pb.RemoveWatcherResponse()
+
     async def stat(self, request: filesystem_pb.StatRequest, ctx) -> filesystem_pb.StatResponse:
         reply = await self.call(self.sandbox(ctx), "stat", path=request.path)
         return filesystem_pb.StatResponse(entry=_entry(reply["entry"]))
@@ -381,7 +616,29 @@ async def _spool_multipart(request: Request) -> list[_Spool]:
     return spools
 
 
+METADATA_HEADER_PREFIX = "x-metadata-"
+_METADATA_KEY = re.compile(r"\A[a-z0-9!#$%&'*+\-.^_`|~]+\Z")
+_METADATA_VALUE = re.compile(r"\A[\x20-\x7e]*\Z")
+
+
+def upload_metadata(request: Request) -> dict[str, str]:
+    """The upload's `X-Metadata-<key>` headers (envd 0.6.2): keys lowercased, the first value of each."""
+    metadata: dict[str, str] = {}
+    for name, value in request.headers.items():
+        key = name.lower()[len(METADATA_HEADER_PREFIX) :] if name.lower().startswith(METADATA_HEADER_PREFIX) else ""
+        if not key or key in metadata:
+            continue
+        if not _METADATA_KEY.match(key) or not _METADATA_VALUE.match(value):
+            raise ValueError(f"invalid metadata {key!r}: keys are HTTP tokens, values printable US-ASCII")
+        metadata[key] = value
+    return metadata
+
+
 async def write_files(request: Request, sandbox: Sandbox, max_upload_bytes: int) -> Response:
+    try:
+        metadata = upload_metadata(request)
+    except ValueError as exc:
+        return error_response(400, str(exc))
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_upload_bytes:
         return error_response(413, f"upload exceeds the limit of {max_upload_bytes} bytes")
@@ -400,19 +657,19 @@ async def write_files(request: Request, sandbox: Sandbox, max_upload_bytes: int)
             return error_response(400, "the upload contains no file")
         if any(not s.path for s in spools):
             return error_response(400, "every uploaded file needs a path")
-        return await _send_spools(sandbox, spools)
+        return await _send_spools(sandbox, spools, metadata)
     finally:
         for spool in spools:
             spool.file.close()
 
 
-async def _send_spools(sandbox: Sandbox, spools: list[_Spool]) -> Response:
+async def _send_spools(sandbox: Sandbox, spools: list[_Spool], metadata: dict[str, str]) -> Response:
     assert sandbox.agent is not None
     try:
         await sandbox.agent.call("check_writable", paths=[s.path for s in spools])
         written = []
         for spool in spools:
-            stream = await sandbox.agent.open("write", path=spool.path, size=spool.size)
+            stream = await sandbox.agent.open("write", path=spool.path, size=spool.size, metadata=metadata)
             try:
                 while chunk := await asyncio.to_thread(spool.file.read, 65536):
                     await stream.write(chunk)
@@ -422,7 +679,14 @@ async def _send_spools(sandbox: Sandbox, spools: list[_Spool]) -> Response:
             if reply is None:
                 return sandbox_gone_response(sandbox.sandbox_id)
             entry = reply["entry"]
-            written.append({"name": entry["name"], "type": entry["type"], "path": entry["path"]})
+            written.append(
+                {
+                    "name": entry["name"],
+                    "type": entry["type"],
+                    "path": entry["path"],
+                    "metadata": entry["metadata"] or None,
+                }
+            )
     except AgentCallError as exc:
         return _agent_error_response(exc)
     except (AgentUnavailable, OSError):

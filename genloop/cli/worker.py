@@ -86,12 +86,18 @@ async def host_identity(settings: Settings, *, wait_s: float = 30) -> str:
     async with httpx.AsyncClient(timeout=3) as http:
         while True:
             try:
-                return str((await http.get(f"{url}/health")).json().get("host_id") or "")
-            except (httpx.HTTPError, ValueError):
+                response = await http.get(f"{url}/health")
+            except httpx.TransportError:
                 if time.monotonic() > deadline:
                     log.warning("sandbox host at %s did not answer /health: working without a host queue", url)
                     return ""
                 await asyncio.sleep(0.5)
+                continue
+            try:  # an E2B-compatible endpoint that is not genloop's host has no id: a shared tier
+                body = response.json()
+            except ValueError:
+                return ""
+            return str(body.get("host_id") or "") if isinstance(body, dict) else ""
 
 
 def all_activities(activities: BuildActivities) -> list[Any]:

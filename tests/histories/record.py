@@ -5,9 +5,10 @@
 
 Runs builds on a fresh dev server, local sandbox host and SQLite database, and exports each history
 with `temporal workflow show --output json`: a ready, a failed and a cancelled build (session 1), a
-build repaired by the fix loop with a fake model (build_fixed), and a project's line of changes
-(project_changes, with its child build_change). Never re-record an existing history for a workflow
-change: old histories must keep replaying (patch the change instead).
+build repaired by the fix loop with a fake model (build_fixed), a project's line of changes
+(project_changes, with its child build_change), a version's preview lifecycle, and a build whose
+sandbox host is lost and which moves to another (build_host_failover). Never re-record an existing
+history for a workflow change: old histories must keep replaying (patch the change instead).
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from temporalio import activity
 from temporalio.client import WithStartWorkflowOperation, WorkflowFailureError
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
+from activities.build import BuildActivities
 from activities.runners.llm import LLMRunner
 from activities.sandbox import close_sdk_transports
 from genloop.devserver import temporal_binary
@@ -42,6 +45,8 @@ from workflows.types import (
     PreviewPolicy,
     PreviewStatus,
     ProjectInput,
+    SandboxInfo,
+    SandboxInput,
     WakeRequest,
     WakeResult,
     preview_workflow_id,
@@ -52,7 +57,24 @@ HERE = Path(__file__).parent
 
 
 SCENARIOS = ("build_ready", "build_failed", "build_cancelled", "build_fixed", "build_change", "project_changes",
-             "preview_lifecycle")
+             "preview_lifecycle", "build_host_failover")
+
+
+class LostHostOnceActivities(BuildActivities):
+    """Fault injection: a build's first sandbox reports the queue of a host nobody polls (its machine
+    is gone), so the build's next sandbox activity times out waiting to start and the build moves."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._moved: set[str] = set()
+
+    @activity.defn(name="provision_sandbox")
+    async def provision_sandbox(self, inp: SandboxInput) -> SandboxInfo:
+        info = await super().provision_sandbox(inp)
+        if inp.build_id == "build_host_failover" and inp.build_id not in self._moved:
+            self._moved.add(inp.build_id)
+            info.task_queue, info.host = f"{activity.info().task_queue}@gone", "gone"
+        return info
 
 
 async def main(names: list[str]) -> None:
@@ -64,12 +86,15 @@ async def main(names: list[str]) -> None:
     url = f"sqlite+aiosqlite:///{work}/genloop.db"
     await upgrade(url)
     repo = JobRepository.from_url(url)
-    env = await WorkflowEnvironment.start_local(dev_server_existing_path=temporal_binary(), search_attributes=SEARCH_ATTRIBUTES)
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=temporal_binary(), search_attributes=SEARCH_ATTRIBUTES
+    )
     target = env.client.service_client.config.target_host
     try:
         async with FakeOpenAIServer(api_key=FAKE_KEY) as model, running_host(work / "host") as host:
             llm = LLMRunner.for_endpoint(provider="openai", base_url=model.base_url, api_key=FAKE_KEY, model="fake")
-            async with make_stack(env.client, host, repo, extra_runners={"llm": llm}, fix_attempts=1,
+            async with make_stack(env.client, host, repo, activities_cls=LostHostOnceActivities,
+                                  extra_runners={"llm": llm}, fix_attempts=1,
                                   version_url=lambda label: f"http://{label}.localhost:1",
                                   preview=PreviewPolicy(idle_pause_s=1)) as stack:
                 await _run_scenarios(stack, model, wanted)
@@ -140,6 +165,8 @@ async def _run_scenarios(stack, model, wanted: list[str]) -> None:
                 await asyncio.sleep(0.2)
 
 
+    if "build_host_failover" in wanted:
+        await (await stack.start("moved to another host", build_id="build_host_failover")).result()
     if "preview_lifecycle" in wanted:
         await (await stack.start("served, paused and woken", build_id="build_preview")).result()
         preview = stack.client.get_workflow_handle(preview_workflow_id("build_preview"))

@@ -4,6 +4,7 @@ orphan sweep, SIGTERM handling) with the fault-injection suite's runner doubles 
 production runners. Runner doubles stand in for the LLM only; nothing else is replaced.
 
 GENLOOP_TEST_GATE_DIR: the directory GatedRunnerDouble watches for its per-build gate files.
+GENLOOP_TEST_LATE_BINDING_S: seconds the late-binding app sleeps on its first launch in a sandbox (600).
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from genloop.settings import get_settings
 from tests.helpers import doubles
 
 GATE_DIR_ENV = "GENLOOP_TEST_GATE_DIR"
+LATE_BINDING_ENV = "GENLOOP_TEST_LATE_BINDING_S"  # how long the late-binding app waits on its first launch
 
 
 def runner_doubles() -> dict[str, Any]:
     return {
         "gated": doubles.GatedRunnerDouble(os.environ.get(GATE_DIR_ENV, "/nonexistent-gate-dir")),
         "slow-install": doubles.SlowInstallRunnerDouble(),
-        "late-binding": doubles.LateBindingAppRunnerDouble(),
+        "late-binding": doubles.LateBindingAppRunnerDouble(int(os.environ.get(LATE_BINDING_ENV, "600"))),
     }
 
 

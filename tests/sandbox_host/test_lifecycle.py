@@ -150,6 +150,16 @@ async def test_connect_answers_200_when_running_and_201_when_it_resumed(host, sd
             assert (await http.post("/sandboxes/nosuchsandbox000000/pause", json={})).status_code == 404
 
 
+async def test_snapshots_and_fork_answer_501_naming_the_feature(host, sdk):
+    async with sandbox(sdk) as sb:
+        headers = {"X-API-Key": host.api_key}
+        async with httpx.AsyncClient(base_url=host.url, headers=headers, timeout=30) as http:
+            for feature in ("snapshots", "fork"):
+                answer = await http.post(f"/sandboxes/{sb.sandbox_id}/{feature}", json={})
+                assert answer.status_code == 501 and f"{feature} of a sandbox are not supported" in answer.text
+        assert await info_state(sdk, sb.sandbox_id) == SandboxState.RUNNING
+
+
 async def test_the_sync_sdk_pauses_and_resumes(host, sdk):
     tag = os.urandom(4).hex()
 

@@ -69,7 +69,8 @@ def test_idempotency_key_is_valid_for_e2b(build_id):
 
 def test_available_runners_follow_the_llm_key():
     assert load_settings(environ={}).available_runners == ("template",)
-    both = load_settings(environ={"GENLOOP_LLM_API_KEY": "k", "GENLOOP_RUNNER_KIND": "llm"})
+    both = load_settings(environ={"GENLOOP_LLM_API_KEY": "k", "GENLOOP_RUNNER_KIND": "llm",
+                                  "GENLOOP_SANDBOX_HOST_API_KEY": "host-key"})  # no key file needed
     assert both.available_runners == ("llm", "template")
     from genloop.cli.worker import production_activities
 

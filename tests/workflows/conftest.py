@@ -51,7 +51,8 @@ def sandbox_config(host) -> SandboxConfig:
 
 
 @contextlib.asynccontextmanager
-async def make_stack(client, host, repo, *, sandbox_client_cls=SandboxClient, health_deadline_s: float = 20,
+async def make_stack(client, host, repo, *, sandbox_client_cls=SandboxClient, activities_cls=BuildActivities,
+                     health_deadline_s: float = 20,
                      extra_runners: dict[str, Any] | None = None, fix_attempts: int = 0, token_budget: int = 0,
                      **activity_options: Any):
     runners: dict[str, Any] = {
@@ -66,7 +67,7 @@ async def make_stack(client, host, repo, *, sandbox_client_cls=SandboxClient, he
         **(extra_runners or {}),
     }
     sandboxes = sandbox_client_cls(sandbox_config(host))
-    acts = BuildActivities(repo, sandboxes, runners, health_deadline_s=health_deadline_s, fix_attempts=fix_attempts,
+    acts = activities_cls(repo, sandboxes, runners, health_deadline_s=health_deadline_s, fix_attempts=fix_attempts,
                            token_budget=token_budget, **activity_options)
     task_queue = f"tq-{uuid.uuid4().hex}"
     worker = build_worker(client, load_settings(), acts.all() + PreviewActivities(repo, sandboxes).all(),
