@@ -20,6 +20,7 @@ from activities.build import BuildActivities
 from activities.preview import PreviewActivities
 from activities.runners import TemplateRunner
 from activities.sandbox import SandboxClient
+from activities.sweep import sweep_orphans
 from genloop.cli.worker import build_worker
 from genloop.http import preview_client
 from genloop.settings import load_settings
@@ -142,6 +143,8 @@ async def test_idle_version_pauses_and_its_next_request_wakes_it(preview_stack):
     paused = await wait_state(stack, v["build_id"], "paused")
     assert paused["preview_url"] == v["preview_url"] and paused["sandbox_id"] == v["sandbox_id"]
     await assert_paused_on_the_host(stack, v["sandbox_id"], pid_ns)
+    # The sweep lists paused sandboxes too, and keeps the one of a READY version.
+    assert v["sandbox_id"] not in (await sweep_orphans(stack.sandboxes, stack.repo, stack.client)).killed
     before = await preview_status(stack, v["build_id"])
     async with preview_client(timeout=60) as client:
         page = await client.get(v["preview_url"])
