@@ -6,8 +6,9 @@ host, and how long a host's builds take to move on when its machine dies.
 Every role is a separate process, as in docs/deploy.md: a file-backed dev server, sandbox hosts
 (`python -m sandbox_host`), workers (`genloop worker`), one migrated SQLite database file they share.
 
-Throughput: for 1, 2, 3 workers on one host, BUILDS real template builds started at once; builds/s
-from the first start to the last READY, and the p50 time to READY.
+Throughput: for 1, 2, 3 workers on one host, and a split pair (`--only workflows` + `--only
+activities`), BUILDS real template builds started at once; builds/s from the first start to the last
+READY, and the p50 time to READY.
 
 Failover: hosts a and b, one worker paired with each (tests.reliability.worker_with_doubles: each
 build's app binds its port LATE_S after its first launch in a sandbox, so builds sit in CHECKS long
@@ -53,7 +54,8 @@ class Fleet:
         self.task_queue = f"bench-hosts-{uuid.uuid4().hex[:8]}"
         self.workers: list[asyncio.subprocess.Process] = []
 
-    async def start_worker(self, host: RunningHost, module: tuple[str, ...] = ("genloop.cli", "worker")):
+    async def start_worker(self, host: RunningHost, module: tuple[str, ...] = ("genloop.cli", "worker"),
+                           only: str | None = None):
         n = len(self.workers) + 1
         log = self.tmp / f"worker-{n}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("GENLOOP_", "TEMPORAL_", "E2B_"))}
@@ -65,7 +67,8 @@ class Fleet:
         )
         with open(log, "ab") as out:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", *module, cwd=REPO_ROOT, env=env, stdout=out, stderr=out,
+                sys.executable, "-m", *module, *(["--only", only] if only else []),
+                cwd=REPO_ROOT, env=env, stdout=out, stderr=out,
                 stdin=asyncio.subprocess.DEVNULL,
             )
         self.workers.append(proc)
@@ -111,10 +114,10 @@ async def fleet() -> AsyncIterator[Fleet]:
             await repo.aclose()
 
 
-async def throughput(workers: int) -> tuple[float, float]:
+async def throughput(workers: list[str | None]) -> tuple[float, float]:
     async with fleet() as f, running_host(f.tmp / "host", max_sandboxes=BUILDS + 10, default_timeout_s=600) as host:
-        for _ in range(workers):
-            await f.start_worker(host)
+        for only in workers:
+            await f.start_worker(host, only=only)
         started = time.monotonic()
         build_ids = [await f.start_build() for _ in range(BUILDS)]
 
@@ -165,11 +168,14 @@ async def failover() -> list[tuple[float, float]]:
 async def run() -> None:
     print(common.machine())
     rows = []
-    for workers in (1, 2, 3):
+    for label, workers in (
+        ("1 worker", [None]), ("2 workers", [None, None]), ("3 workers", [None, None, None]),
+        ("--only workflows + --only activities", ["workflows", "activities"]),
+    ):
         rate, p50 = await throughput(workers)
-        rows.append((workers, f"{rate:.2f}", common.ms(p50)))
+        rows.append((label, f"{rate:.2f}", common.ms(p50)))
     common.print_table(f"{BUILDS} template builds at once, one local sandbox host",
-                       ("workers", "builds/s", "p50 to READY"), rows)
+                       ("worker processes", "builds/s", "p50 to READY"), rows)
     moves = await failover()
     common.print_table(
         f"host killed mid-build (heartbeat timeout {_HOST_HEARTBEAT.total_seconds():.0f} s, host queue "

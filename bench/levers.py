@@ -65,6 +65,7 @@ def worker_levers_off() -> Iterator[None]:
 class _MemoryJob:
     def __init__(self, build_version: str) -> None:
         self.build_version = build_version
+        self.preview_label = self.preview_url = None  # no stable URL: no preview workflow either
 
 
 class MemoryRepositoryDouble:
@@ -84,6 +85,15 @@ class MemoryRepositoryDouble:
         return None
 
     async def set_sandbox(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    async def set_files(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    async def set_status_message(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    async def add_usage(self, *args: Any, **kwargs: Any) -> None:
         return None
 
     async def finish_ready(self, *args: Any, **kwargs: Any) -> _MemoryJob:

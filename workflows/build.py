@@ -305,7 +305,7 @@ class BuildWorkflow:
                 await self._enter(Stage.DEPS)
                 if info is None:
                     info = await self._activity("provision_sandbox", sandbox_input, SandboxInfo)
-                    self._status.sandbox_id = info.sandbox_id
+                    self._status.sandbox_id, self._status.sandbox_host = info.sandbox_id, info.host or None
                     self._status.workspace_path = info.workspace_path
                     self._host_queue = info.task_queue
                     sandbox_input.sandbox_id = info.sandbox_id
@@ -437,8 +437,11 @@ class BuildWorkflow:
         self._status.transitions.append(Transition(stage=stage.value, at=workflow.now().isoformat(), message=message))
         workflow.upsert_search_attributes([BUILD_STAGE.value_set(stage.value)])
         attempt = f" (attempt {self._status.attempt} of {self._status.max_attempts})" if self._status.attempt > 1 else ""
-        details = f"**{stage.label}**{attempt} {message if message != stage.label else ''}"
-        workflow.set_current_details(details.strip())
+        details = f"**{stage.label}**{attempt} {message if message != stage.label else ''}".strip()
+        if self._status.sandbox_id:  # where it runs, for the Web UI's details
+            host = f" on host `{self._status.sandbox_host}`" if self._status.sandbox_host else ""
+            details += f" · sandbox `{self._status.sandbox_id}`{host}"
+        workflow.set_current_details(details)
 
     # --- endings ---
 

@@ -33,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--project", default="demo")
     up.add_argument("--exit-after-build", action="store_true", help="stop the stack after the build")
 
-    sub.add_parser("worker", help="run the Temporal worker")
+    w = sub.add_parser("worker", help="run the Temporal worker")
+    w.add_argument("--only", choices=["workflows", "activities"],
+                   help="run one half: workflow tasks (with their local activities) or activity tasks")
     sub.add_parser("api", help="serve the HTTP API")
     sub.add_parser("sandbox-host", help="serve the local E2B-compatible sandbox host", add_help=False)
     mig = sub.add_parser("migrate", help="run database migrations")

@@ -71,5 +71,5 @@ def _stop_message(stopped: list[str], left: int, local_host: bool) -> str:
 async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from genloop.cli.worker import run_worker
 
-    await run_worker(settings)
+    await run_worker(settings, only=args.only)
     return 0

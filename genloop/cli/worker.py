@@ -106,14 +106,24 @@ def all_activities(activities: BuildActivities) -> list[Any]:
     return activities.all() + PreviewActivities(activities.repo, activities.sandboxes).all()
 
 
-async def run_worker(settings: Settings, extra_runners: Mapping[str, Any] | None = None) -> None:
+ONLY = ("workflows", "activities")  # `genloop worker --only`: one half of a split deployment
+
+
+async def run_worker(
+    settings: Settings, extra_runners: Mapping[str, Any] | None = None, *, only: str | None = None
+) -> None:
     """`genloop worker`: run until SIGTERM/SIGINT, then finish in-flight tasks and exit.
-    `extra_runners` lets the fault-injection suite register its runner doubles."""
+    `extra_runners` lets the fault-injection suite register its runner doubles. `only="workflows"`:
+    workflow tasks and their local activities (the stage writes) only; `only="activities"`: activity
+    tasks only (the shared queue's and, paired with a host, that host's)."""
     repo = JobRepository.from_url(settings.database_url)
     client = await connect(settings)
-    host_id = await host_identity(settings)
+    host_id = await host_identity(settings) if only != "workflows" else ""
     activities = production_activities(settings, repo, extra_runners, host_id=host_id)
-    workers = [build_worker(client, settings, all_activities(activities))]
+    split: dict[str, Any] = {"workflows": {"no_remote_activities": True}, "activities": {"workflows": []}}.get(
+        only or "", {}
+    )
+    workers = [build_worker(client, settings, all_activities(activities), **split)]
     if host_id:
         # Activities on this host's sandboxes come on a queue only this host's workers poll.
         workers.append(build_worker(client, settings, all_activities(activities), task_queue=activities.host_queue,
@@ -122,8 +132,11 @@ async def run_worker(settings: Settings, extra_runners: Mapping[str, Any] | None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("worker polling %s on %s", ", ".join(w.task_queue for w in workers), settings.temporal.target)
-    sweeper = asyncio.create_task(_sweep_periodically(settings, activities, client))
+    log.info("worker polling %s on %s%s", ", ".join(w.task_queue for w in workers), settings.temporal.target,
+             f" ({only} only)" if only else "")
+    sweeper = asyncio.create_task(
+        _sweep_periodically(settings, activities, client) if only != "workflows" else asyncio.sleep(0)
+    )
     try:
         async with contextlib.AsyncExitStack() as running:
             for worker in workers:

@@ -117,15 +117,19 @@ class ServiceProcess:
             return ""
 
 
-async def task_queue_pollers(client: Client, task_queue: str) -> set[str]:
-    """Identities (`pid@host`) polling both the workflow and the activity side of `task_queue`."""
+WORKFLOW_TASKS, ACTIVITY_TASKS = TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW, TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY
+BOTH_KINDS = (WORKFLOW_TASKS, ACTIVITY_TASKS)
+
+
+async def task_queue_pollers(client: Client, task_queue: str, kinds: tuple[int, ...] = BOTH_KINDS) -> set[str]:
+    """Identities (`pid@host`) polling every one of `kinds` of `task_queue` (default: both sides)."""
     identities: list[set[str]] = []
-    for kind in (TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW, TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY):
+    for kind in kinds:
         resp = await client.workflow_service.describe_task_queue(
             DescribeTaskQueueRequest(namespace=client.namespace, task_queue=TaskQueue(name=task_queue), task_queue_type=kind)
         )
         identities.append({p.identity for p in resp.pollers})
-    return identities[0] & identities[1]
+    return set.intersection(*identities)
 
 
 @dataclass
@@ -170,21 +174,22 @@ class Stack:
         env.update(extra)
         return env
 
-    async def start_worker(self, *, doubles: bool = True, **env: str) -> ServiceProcess:
-        """A worker subprocess: `python -m genloop.cli worker`, or the same worker with the runner
-        doubles registered (tests.reliability.worker_with_doubles). Returns once it polls."""
+    async def start_worker(self, *, doubles: bool = True, only: str | None = None, **env: str) -> ServiceProcess:
+        """A worker subprocess: `python -m genloop.cli worker [--only ...]`, or the same worker with
+        the runner doubles registered (tests.reliability.worker_with_doubles). Returns once it polls."""
         module = ["tests.reliability.worker_with_doubles"] if doubles else ["genloop.cli", "worker"]
+        argv = [sys.executable, "-m", *module, *(["--only", only] if only else [])]
         n = len(self.workers) + 1
-        worker = ServiceProcess(
-            f"worker-{n}", [sys.executable, "-m", *module], self.service_env(**env), self.work_dir / f"worker-{n}.log"
-        )
+        worker = ServiceProcess(f"worker-{n}", argv, self.service_env(**env), self.work_dir / f"worker-{n}.log")
         self.workers.append(worker)
         await worker.spawn()
 
         async def polling() -> bool:
             if not worker.alive:
                 raise AssertionError(f"worker exited with {worker.proc.returncode}:\n{worker.log_tail()}")
-            return any(i.startswith(f"{worker.pid}@") for i in await task_queue_pollers(self.client, self.task_queue))
+            kinds = {"workflows": (WORKFLOW_TASKS,), "activities": (ACTIVITY_TASKS,)}.get(only or "", BOTH_KINDS)
+            pollers = await task_queue_pollers(self.client, self.task_queue, kinds)
+            return any(i.startswith(f"{worker.pid}@") for i in pollers)
 
         await wait_until(polling, f"{worker.name} to poll {self.task_queue}", timeout=WORKER_READY_TIMEOUT_S)
         return worker

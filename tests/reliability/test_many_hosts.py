@@ -23,6 +23,7 @@ from collections import Counter
 import httpx
 import pytest
 from temporalio.api.enums.v1 import EventType
+from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import WorkflowHandle
 
 from activities.sandbox import SandboxClient, SandboxConfig
@@ -31,7 +32,7 @@ from sandbox_host.testing import running_host
 from tests.api.conftest import running_api
 from tests.reliability.harness import ServiceProcess, Stack, run_command, wait_until
 from workflows.build import HOST_ROUTED
-from workflows.types import BuildResult
+from workflows.types import STATUS_QUERY, BuildResult, BuildStatus
 
 pytestmark = pytest.mark.reliability
 
@@ -188,7 +189,13 @@ async def test_two_hosts_three_workers_two_apis_survive_losing_a_machine(machine
         assert await m.assert_on_recorded_host(h.id) == "a"
         assert len(await stack.repo.list_jobs((await stack.repo.get(h.id)).project_id)) == 1
     for build_id, lost in lost_sandboxes.items():  # the lost sandbox is not what the build recorded
-        assert (await stack.repo.get(build_id)).sandbox_id != lost
+        job = await stack.repo.get(build_id)
+        assert job.sandbox_id != lost
+        handle = stack.client.get_workflow_handle(build_id)
+        status = await handle.query(STATUS_QUERY, result_type=BuildStatus)
+        assert (status.sandbox_id, status.sandbox_host) == (job.sandbox_id, m.host_ids["a"])
+        details = (await handle.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)).current_details
+        assert f"sandbox `{job.sandbox_id}` on host `{m.host_ids['a']}`" in details, details  # the Web UI's view
 
     # A version served on the lost host answers on its next request, served again on host a.
     async with preview_client(timeout=120) as http:

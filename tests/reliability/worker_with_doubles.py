@@ -33,7 +33,8 @@ def runner_doubles() -> dict[str, Any]:
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(run_worker(get_settings(), extra_runners=runner_doubles()))
+    only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None  # as `genloop worker --only`
+    asyncio.run(run_worker(get_settings(), extra_runners=runner_doubles(), only=only))
     return 0
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ class BuildStatus:
     max_attempts: int = 1
     transitions: list[Transition] = field(default_factory=list)
     sandbox_id: str | None = None
+    sandbox_host: str | None = None  # the local sandbox host that has it (None on E2B)
     preview_url: str | None = None
     build_version: str | None = None
     workspace_path: str | None = None
