@@ -2,8 +2,13 @@
 (which reuses the build's own provision / install / start activities): pause it, resume it, stop
 serving it, and record the version's preview state.
 
-A local sandbox host that cannot pause (501) or an E2B sandbox that will not pause is stopped
-instead: the version's files are stored, so the next request serves it again from them."""
+Pausing is the SDK's own `pause()` and resuming its `connect()`, on E2B and on genloop's local host
+alike. The local host keeps a paused sandbox's files on its disk and runs none of its processes, so
+a resumed sandbox runs nothing: the wake's `start_and_check` starts the version's app again (it
+checks /health first and starts the app only when it does not answer). Only a host that really
+cannot pause (HTTP 501: an E2B-compatible host without the lifecycle routes) gets its sandboxes
+stopped instead, with a warning that says so: the version's files are stored, so the next request
+serves it again from them."""
 
 from __future__ import annotations
 
@@ -14,10 +19,11 @@ import e2b
 from e2b import AsyncSandbox
 from temporalio import activity
 
-from activities.build import failures_as_application_errors, manifest_result
+from activities.build import APP_PIDFILE, failures_as_application_errors, manifest_result
 from activities.sandbox import SandboxClient
 from genloop.settings import Settings
 from persistence.repository import JobRepository
+from workflows.build import WORKSPACE_PATH
 from workflows.types import (
     CodeResult,
     FileManifestEntry,
@@ -35,6 +41,21 @@ def preview_policy(settings: Settings) -> PreviewPolicy:
     p = settings.preview
     return PreviewPolicy(idle_pause_s=p.idle_pause_s, keep_awake=p.keep_awake, retention_s=p.retention_days * 86400,
                          retry_failed_s=p.retry_failed_s)
+
+
+async def forget_stale_app_pid(sandbox: AsyncSandbox) -> None:
+    """Remove the app's pidfile when the process it names no longer runs. A sandbox resumed without
+    its memory (the local host keeps files only) runs none of its old processes, and its new ones get
+    pids afresh, in the same order as before: the launch that `start_and_check` runs would otherwise
+    kill whichever new process now has the recorded pid, possibly itself."""
+    path = f"{WORKSPACE_PATH}/{APP_PIDFILE}"
+    try:
+        recorded = (await sandbox.files.read(path)).strip()
+    except e2b.NotFoundException:
+        return
+    running = {str(p.pid) for p in await sandbox.commands.list()}
+    if recorded not in running:
+        await sandbox.files.remove(path)
 
 
 class PreviewActivities:
@@ -56,8 +77,8 @@ class PreviewActivities:
     @activity.defn(name="pause_sandbox")
     @failures_as_application_errors
     async def pause_sandbox(self, sandbox_id: str) -> bool:
-        """Pause the sandbox (E2B, and a host that can); stop it where pausing is not supported.
-        True when it is paused (it can be resumed), False when it was stopped or was already gone."""
+        """Pause the sandbox. True when it is paused (it can be resumed; also when it was paused
+        already), False when it was already gone, or stopped because its host cannot pause (501)."""
         try:
             await AsyncSandbox.pause(sandbox_id, **self.sandboxes.config.sdk_options())  # False: was paused already
             return True
@@ -66,19 +87,26 @@ class PreviewActivities:
         except e2b.SandboxException as exc:
             if getattr(exc, "status_code", None) != 501:
                 raise
-            log.info("sandbox %s cannot pause here; stopping it instead: its version's files are stored", sandbox_id)
+        log.warning(
+            "the sandbox host at %s cannot pause sandboxes (501): stopping sandbox %s instead; its version is "
+            "served again from its stored files on its next request",
+            self.sandboxes.config.sdk_options().get("api_url") or "E2B",
+            sandbox_id,
+        )
         await self.sandboxes.kill(sandbox_id)
         return False
 
     @activity.defn(name="resume_sandbox")
     @failures_as_application_errors
     async def resume_sandbox(self, sandbox_id: str) -> bool:
-        """Resume (or reach) the sandbox; False when it no longer exists (serve the version again)."""
+        """Resume (or reach) the sandbox: `connect` resumes a paused one (HTTP 201) and reaches a running
+        one (200); False when it no longer exists (serve the version again)."""
         try:
-            await self.sandboxes.connect(sandbox_id)
-            return True
+            sandbox = await self.sandboxes.connect(sandbox_id)
         except (e2b.NotFoundException, e2b.SandboxNotFoundException):
             return False
+        await forget_stale_app_pid(sandbox)
+        return True
 
     @activity.defn(name="stop_serving")
     @failures_as_application_errors

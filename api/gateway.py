@@ -104,15 +104,26 @@ class PreviewGateway:
             except VersionGone:
                 unreachable = job.sandbox_id
         result = await self._wake(job, unreachable)
+        if result is not None and result.state == PreviewState.LIVE and result.sandbox_preview_url:
+            try:
+                await self._forward(scope, send, job, result.sandbox_preview_url, body)
+                return
+            except VersionGone:
+                pass
+            # Paused (or lost) again between its wake and this request (a request slower than the
+            # idle pause): wake it once more, naming the sandbox that did not answer.
+            with contextlib.suppress(GenloopError):
+                job = await self.repo.find_by_label(label) or job
+            result = await self._wake(job, job.sandbox_id)
+            if result is not None and result.state == PreviewState.LIVE and result.sandbox_preview_url:
+                try:
+                    await self._forward(scope, send, job, result.sandbox_preview_url, body)
+                    return
+                except VersionGone:
+                    result = None
         if result is None:
             await _page(scope, send, 503, "This preview is starting. The page reloads by itself.",
                         headers={"retry-after": str(RETRY_AFTER_S)}, refresh=True)
-        elif result.state == PreviewState.LIVE and result.sandbox_preview_url:
-            try:
-                await self._forward(scope, send, job, result.sandbox_preview_url, body)
-            except VersionGone:
-                await _page(scope, send, 503, "This preview is starting. The page reloads by itself.",
-                            headers={"retry-after": str(RETRY_AFTER_S)}, refresh=True)
         elif result.state == PreviewState.REMOVED:
             await self._removed(scope, send, job)
         else:
@@ -124,7 +135,10 @@ class PreviewGateway:
     async def _forward(self, scope: Scope, send: Send, job: Job, upstream: str, body: bytes) -> None:
         url = httpx.URL(upstream).copy_with(raw_path=_raw_path(scope))
         headers = [(k, v) for k, v in _headers(scope) if k.lower() not in HOP_BY_HOP and k.lower() != "host"]
-        headers += [("x-forwarded-host", _header(scope, b"host") or ""), ("x-forwarded-proto", scope.get("scheme", "http"))]
+        headers += [
+            ("x-forwarded-host", _header(scope, b"host") or ""),
+            ("x-forwarded-proto", scope.get("scheme", "http")),
+        ]
         request = self._http.build_request(scope["method"], url, headers=headers, content=body)
         try:
             response = await self._http.send(request, stream=True)
@@ -205,7 +219,9 @@ class PreviewGateway:
         if task is None or task.done():
             task = asyncio.ensure_future(self._request_wake(job, unreachable))
             self._wakes[job.id] = task
-            task.add_done_callback(lambda _t, key=job.id: self._wakes.pop(key, None) if self._wakes.get(key) is _t else None)
+            task.add_done_callback(
+                lambda _t, key=job.id: self._wakes.pop(key, None) if self._wakes.get(key) is _t else None
+            )
         try:
             return await asyncio.wait_for(asyncio.shield(task), self.settings.preview.wake_hold_s)
         except TimeoutError:
@@ -296,7 +312,8 @@ async def _read_body(receive: Receive) -> bytes | None:
 
 async def _send_response(send: Send, response: httpx.Response, body: bytes) -> None:
     headers = [(k, v) for k, v in response.headers.raw if k.decode("latin-1").lower() not in HOP_BY_HOP]
-    headers = [(k, v) for k, v in headers if k.lower() != b"content-length"] + [(b"content-length", str(len(body)).encode())]
+    headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+    headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 

@@ -19,6 +19,7 @@ BENCHMARKS = {
     "fix": "bench.fix_bench",
     "hosts": "bench.hosts_bench",
     "logs": "bench.logs_bench",
+    "previews": "bench.wake_bench",
 }
 
 

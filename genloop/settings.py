@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -120,7 +121,17 @@ class SandboxHostSettings(_Section):
     egress_allowed_networks: list[str] = Field(default_factory=list)
     # The host's stable id (GET /health, the worker's `<task_queue>@<host_id>`); empty: generated once
     # into state_dir/host-id and kept across restarts.
-    host_id: str = Field("", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$|^$")
+    host_id: str = ""
+
+    @field_validator("host_id")
+    @classmethod
+    def _host_id(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", value):
+            raise PydanticCustomError(
+                "host_id", "{value} is not a host id: use 1-63 letters, digits, '.', '_' or '-'",
+                {"value": repr(value)},
+            )
+        return value
 
     @field_validator("egress_allowed_networks")
     @classmethod
@@ -187,7 +198,8 @@ class PreviewSettings(_Section):
     keep_awake: int = Field(0, ge=0)  # the newest N READY versions of each project never pause
     retention_days: float = Field(0, ge=0)  # days a version stays served; then its sandbox goes, its URL answers 410
     public_origin: str = ""  # e.g. https://preview.example.com: version URLs become https://<label>.preview.example.com
-    retry_failed_s: float = Field(600, gt=0)  # after a version failed to start again, how long it answers 503 before a retry
+    # after a version failed to start again, how long it answers 503 before a retry
+    retry_failed_s: float = Field(600, gt=0)
 
 
 class LogSettings(_Section):

@@ -747,6 +747,80 @@ class Agent:
         await writer.drain()
         await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
 
+    # ---------------- pause / resume (the host keeps the files on its disk meanwhile) ----------------
+    def _tar_roots(self) -> list[str]:
+        return [os.path.relpath(root, "/") for root in self.paths.roots.values()]
+
+    async def op_archive(self, req, reader, writer):
+        """Pause: end every command, then stream a tar of /home/user and /tmp as length-prefixed
+        chunks (4-byte big-endian length; 0 ends them), then a JSON line with tar's outcome."""
+        for p in self.procs.values():
+            p.kill()
+        kill_sessions(self.sessions)
+        pending = [asyncio.ensure_future(p.ended.wait()) for p in self.procs.values()]
+        if pending:
+            await asyncio.wait(pending, timeout=1)
+        tar = await asyncio.create_subprocess_exec(
+            "tar",
+            "--create",
+            "--file=-",
+            "--directory=/",
+            "--sparse",
+            "--numeric-owner",
+            "--warning=no-file-changed",
+            "--warning=no-file-removed",
+            "--warning=no-file-ignored",
+            "--ignore-failed-read",
+            *self._tar_roots(),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        errors = asyncio.ensure_future(tar.stderr.read())
+        writer.write(b'{"ok": true}\n')
+        while chunk := await tar.stdout.read(CHUNK):
+            writer.write(len(chunk).to_bytes(4, "big") + chunk)
+            await writer.drain()
+        code = await tar.wait()
+        message = (await errors).decode(errors="replace")[-2000:]
+        writer.write(b"\0\0\0\0")
+        # GNU tar: 1 = some files changed while read (still a complete archive), 2 = fatal.
+        await self._reply(writer, {"ok": code in (0, 1), "exit": code, "stderr": message})
+
+    async def op_restore(self, req, reader, writer):
+        """Resume: unpack `size` bytes of an archive made by op_archive into /home/user and /tmp."""
+        remaining = int(req["size"])
+        tar = await asyncio.create_subprocess_exec(
+            "tar",
+            "--extract",
+            "--file=-",
+            "--directory=/",
+            "--no-overwrite-dir",
+            "--no-same-owner",
+            *self._tar_roots(),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        errors = asyncio.ensure_future(tar.stderr.read())
+        try:
+            while remaining:
+                chunk = await reader.read(min(CHUNK, remaining))
+                if not chunk:
+                    break
+                remaining -= len(chunk)
+                tar.stdin.write(chunk)
+                await tar.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # tar ended early: its exit code and message say why
+        finally:
+            tar.stdin.close()
+        code = await tar.wait()
+        message = (await errors).decode(errors="replace")[-2000:]
+        if remaining or code != 0:
+            raise AgentError("internal", f"restoring the files failed (tar exit {code}): {message.strip()}")
+        await self._reply(writer, {"ok": True})
+
 
 class _Inotify:
     """inotify(7) through libc, standard library only."""

@@ -71,7 +71,9 @@ class HostApp:
         preview_names = [] if is_localhost_name(host_name(config.preview_domain)) else [f"*.{config.preview_domain}"]
         self.host_names = HostNames(config.host, [*config.public_hosts, *preview_names], localhost_subdomains=True)
         self.control = ControlPlane(manager, config).app()
-        self.preview = PreviewProxy(manager, config.max_preview_connections)
+        # An auto-resumed sandbox gets at least 300 s before its timeout, as on E2B.
+        resume_timeout_s = min(max(config.default_timeout_s, 300), config.max_timeout_s)
+        self.preview = PreviewProxy(manager, config.max_preview_connections, resume_timeout_s)
         self.connect_apps = envd.build_connect_apps(manager)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -78,7 +78,6 @@ class HostConfig:
             return self
         return dataclasses.replace(self, api_key=load_or_create_key(self.key_file))
 
-
     def with_host_id(self) -> HostConfig:
         """The host's stable id: the configured one, else the one generated once into state_dir."""
         if self.host_id:

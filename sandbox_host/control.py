@@ -8,7 +8,15 @@ import os
 import urllib.parse
 from typing import Any
 
-from e2b.api.client.models import ListedSandbox, NewSandbox, NewSandboxV2, SandboxDetail, SandboxState
+from e2b.api.client.models import (
+    ListedSandbox,
+    NewSandbox,
+    NewSandboxV2,
+    SandboxDetail,
+    SandboxLifecycle,
+    SandboxOnTimeout,
+    SandboxState,
+)
 from e2b.api.client.models import Sandbox as SandboxModel
 from e2b.api.client.types import Unset
 from starlette.applications import Starlette
@@ -19,7 +27,14 @@ from starlette.routing import Route
 
 from sandbox_host.config import ENVD_VERSION, TEMPLATE_ALIAS, HostConfig
 from sandbox_host.envd import error_response
-from sandbox_host.sandboxes import SandboxLimitReached, SandboxManager, SandboxRecord, SandboxStartError
+from sandbox_host.sandboxes import (
+    PAUSED,
+    SandboxLimitReached,
+    SandboxManager,
+    SandboxPauseError,
+    SandboxRecord,
+    SandboxStartError,
+)
 
 log = logging.getLogger("sandbox_host.control")
 
@@ -30,6 +45,15 @@ MAX_PAGE_SIZE = 1000
 
 def _utc(ts: float) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(ts, datetime.UTC)
+
+
+def _state(record: SandboxRecord) -> SandboxState:
+    return SandboxState.PAUSED if record.state == PAUSED else SandboxState.RUNNING
+
+
+def _lifecycle(record: SandboxRecord) -> SandboxLifecycle:
+    on_timeout = SandboxOnTimeout.PAUSE if record.auto_pause else SandboxOnTimeout.KILL
+    return SandboxLifecycle(on_timeout=on_timeout, auto_resume=record.auto_resume)
 
 
 class ControlPlane:
@@ -62,8 +86,9 @@ class ControlPlane:
             cpu_count=os.cpu_count() or 1,
             memory_mb=self.config.limits.memory_mb,
             disk_size_mb=0,
-            state=SandboxState.RUNNING,
+            state=_state(record),
             alias=TEMPLATE_ALIAS,
+            lifecycle=_lifecycle(record),
             # No envd_access_token: as on E2B, only create and connect hand it out.
             allow_internet_access=record.internet_access,
             domain=self.domain,
@@ -80,7 +105,7 @@ class ControlPlane:
             cpu_count=os.cpu_count() or 1,
             memory_mb=self.config.limits.memory_mb,
             disk_size_mb=0,
-            state=SandboxState.RUNNING,
+            state=_state(record),
             envd_version=ENVD_VERSION,
             alias=TEMPLATE_ALIAS,
             metadata=record.metadata,
@@ -114,7 +139,7 @@ class ControlPlane:
         return dict(value)
 
     def _sandbox_or_404(self, sandbox_id: str) -> SandboxRecord:
-        sandbox = self.manager.get(sandbox_id)
+        sandbox = self.manager.lookup(sandbox_id)
         if sandbox is None:
             raise HTTPException(404, f"sandbox {sandbox_id} not found")
         return sandbox.record
@@ -130,6 +155,11 @@ class ControlPlane:
         if not isinstance(parsed.template_id, str) or not parsed.template_id:
             raise HTTPException(400, "templateID must be a non-empty string")
         key = request.headers.get("idempotency-key") or None
+        auto_pause = getattr(parsed, "auto_pause", False) is True
+        auto_resume_config = getattr(parsed, "auto_resume", None)
+        auto_resume = getattr(auto_resume_config, "enabled", False) is True
+        if auto_resume and not auto_pause:
+            raise HTTPException(400, "autoResume can only be enabled together with autoPause")
         try:
             record = await self.manager.create(
                 template_id=parsed.template_id,
@@ -138,6 +168,8 @@ class ControlPlane:
                 env_vars=self._string_map(parsed.env_vars, "envVars"),
                 internet_access=parsed.allow_internet_access is not False,
                 idempotency_key=key,
+                auto_pause=auto_pause,
+                auto_resume=auto_resume,
             )
         except SandboxLimitReached as exc:
             return error_response(429, str(exc))
@@ -160,11 +192,12 @@ class ControlPlane:
         return JSONResponse([self._listed(r) for r in page], headers=headers)
 
     async def list_v1(self, request: Request) -> Response:
-        return JSONResponse([self._listed(r) for r in self._filtered(request)])
+        return JSONResponse([self._listed(r) for r in self._filtered(request, default_states="running")])
 
-    def _filtered(self, request: Request) -> list[SandboxRecord]:
+    def _filtered(self, request: Request, default_states: str = "running,paused") -> list[SandboxRecord]:
+        """Newest first unless `order=asc`; `startedAfter` is inclusive, to the microsecond reported."""
         params = request.query_params
-        states = {s for s in (params.get("state") or "running").split(",") if s}
+        states = {s for s in (params.get("state") or default_states).split(",") if s}
         if not states <= {"running", "paused"}:
             raise HTTPException(400, "state must be running and/or paused")
         # The SDK quotes each key and value, then urlencodes the pairs into one parameter.
@@ -172,17 +205,22 @@ class ControlPlane:
             urllib.parse.unquote(k): urllib.parse.unquote(v)
             for k, v in urllib.parse.parse_qsl(params.get("metadata") or "", keep_blank_values=True)
         }
-        records = [sb.record for sb in self.manager.list()] if "running" in states else []
+        records = [sb.record for sb in self.manager.list() if sb.record.state in states]
         records = [r for r in records if all(r.metadata.get(k) == v for k, v in wanted.items())]
         if template := params.get("template"):
             records = [r for r in records if template in (r.template_id, TEMPLATE_ALIAS)]
         if started_after := params.get("startedAfter"):
             try:
-                after = datetime.datetime.fromisoformat(started_after).timestamp()
+                after = datetime.datetime.fromisoformat(started_after.replace(" ", "+"))
             except ValueError:
                 raise HTTPException(400, "startedAfter must be an ISO 8601 timestamp") from None
-            records = [r for r in records if r.started_at > after]
-        if params.get("order") == "desc":
+            if after.tzinfo is None:
+                after = after.replace(tzinfo=datetime.UTC)
+            records = [r for r in records if _utc(r.started_at) >= after]
+        order = params.get("order") or "desc"
+        if order not in ("asc", "desc"):
+            raise HTTPException(400, "order must be asc or desc")
+        if order == "asc":
             records.reverse()
         return records
 
@@ -204,16 +242,59 @@ class ControlPlane:
         return Response(status_code=204)
 
     async def connect(self, request: Request) -> Response:
+        """200 with the sandbox when it runs (its life only ever extended, as on E2B); 201 when this
+        resumed it from paused."""
         body = await self._json(request)
         sandbox_id = request.path_params["sandbox_id"]
         self._sandbox_or_404(sandbox_id)
-        # Connecting to a running sandbox only ever extends its life, as on E2B.
-        record = await self.manager.set_timeout(sandbox_id, self._timeout(body.get("timeout")), extend_only=True)
-        if record is None:
+        record, resumed = await self._resume(sandbox_id, self._timeout(body.get("timeout")))
+        return JSONResponse(self._created(record), 201 if resumed else 200)
+
+    async def _resume(self, sandbox_id: str, timeout_s: int) -> tuple[SandboxRecord, bool]:
+        try:
+            outcome = await self.manager.resume(sandbox_id, timeout_s)
+        except SandboxLimitReached as exc:
+            raise HTTPException(429, str(exc)) from None
+        except SandboxStartError as exc:
+            log.error("sandbox %s failed to resume: %s", sandbox_id, exc)
+            message = "the sandbox failed to resume (it stays paused); see the sandbox host's log"
+            raise HTTPException(500, message) from None
+        if outcome is None:
             raise HTTPException(404, f"sandbox {sandbox_id} not found")
-        return JSONResponse(self._created(record), 200)
+        return outcome
+
+    async def resume(self, request: Request) -> Response:
+        """The deprecated POST /sandboxes/{id}/resume: 201 when it resumed it, 409 when it runs."""
+        body = await self._json(request)
+        sandbox_id = request.path_params["sandbox_id"]
+        if self._sandbox_or_404(sandbox_id).state != PAUSED:
+            raise HTTPException(409, f"sandbox {sandbox_id} is already running")
+        record, _ = await self._resume(sandbox_id, self._timeout(body.get("timeout")))
+        return JSONResponse(self._created(record), 201)
+
+    async def pause(self, request: Request) -> Response:
+        """204 paused; 409 already paused; 404. The local host keeps the files, not the memory: any
+        `memory` asked for, a resume starts the sandbox's processes afresh (sandbox_host/README.md)."""
+        sandbox_id = request.path_params["sandbox_id"]
+        try:
+            paused = await self.manager.pause(sandbox_id)
+        except SandboxPauseError as exc:
+            log.error("sandbox %s failed to pause: %s", sandbox_id, exc)
+            raise HTTPException(500, "the sandbox failed to pause; see the sandbox host's log") from None
+        if paused is None:
+            raise HTTPException(404, f"sandbox {sandbox_id} not found")
+        if not paused:
+            raise HTTPException(409, f"sandbox {sandbox_id} is already paused")
+        return Response(status_code=204)
 
     async def unsupported(self, request: Request) -> Response:
+        if request.url.path.endswith(("/snapshots", "/fork")):
+            feature = "snapshots" if request.url.path.endswith("/snapshots") else "fork"
+            message = (
+                f"{feature} of a sandbox are not supported by the local sandbox host: it pauses a sandbox "
+                "with its files (pause, then connect to resume)"
+            )
+            return error_response(501, message)
         return error_response(501, f"{request.method} {request.url.path} is not supported by the local sandbox host")
 
     def app(self) -> Starlette:
@@ -232,9 +313,11 @@ class ControlPlane:
             Route(sid + "/timeout", self.set_timeout, methods=["POST"]),
             Route("/v2" + sid + "/connect", self.connect, methods=["POST"]),
             Route(sid + "/connect", self.connect, methods=["POST"]),
+            Route(sid + "/pause", self.pause, methods=["POST"]),
+            Route(sid + "/resume", self.resume, methods=["POST"]),
         ]
         routes += [
             Route(sid + suffix, self.unsupported, methods=["POST", "GET", "PUT"])
-            for suffix in ("/pause", "/resume", "/snapshots", "/fork", "/refreshes", "/network", "/metrics", "/logs")
+            for suffix in ("/snapshots", "/fork", "/refreshes", "/network", "/metrics", "/logs")
         ]
         return Starlette(routes=routes, exception_handlers={HTTPException: http_error})

@@ -27,7 +27,7 @@ from starlette.types import Receive, Scope, Send
 
 from genloop.http import HOP_BY_HOP
 from sandbox_host.envd import error_response, sandbox_gone_response
-from sandbox_host.sandboxes import Sandbox, SandboxManager
+from sandbox_host.sandboxes import Sandbox, SandboxLimitReached, SandboxManager, SandboxStartError
 
 log = logging.getLogger("sandbox_host.preview")
 
@@ -145,9 +145,23 @@ class AgentForwardTransport(httpx.AsyncHTTPTransport):
 
 
 class PreviewProxy:
-    def __init__(self, manager: SandboxManager, max_connections: int):
+    def __init__(self, manager: SandboxManager, max_connections: int, resume_timeout_s: int = 300):
         self.manager = manager
         self.max_connections = max_connections
+        self.resume_timeout_s = resume_timeout_s  # the life an auto-resumed sandbox gets
+
+    async def _auto_resume(self, sandbox_id: str) -> Sandbox | None:
+        """A paused sandbox created with auto-resume is resumed by the request that reaches it (as
+        E2B's proxy does; concurrent requests share one resume), then the request goes on."""
+        paused = self.manager.paused.get(sandbox_id)
+        if paused is None or not paused.record.auto_resume:
+            return None
+        try:
+            await self.manager.resume(sandbox_id, self.resume_timeout_s)
+        except (SandboxLimitReached, SandboxStartError) as exc:
+            log.error("sandbox %s: auto-resume failed: %s", sandbox_id, exc)
+            return None
+        return self.manager.get(sandbox_id)
 
     def _client(self, sandbox: Sandbox) -> httpx.AsyncClient:
         if sandbox.preview is None:
@@ -170,7 +184,7 @@ class PreviewProxy:
         return sandbox.preview
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, port: int, sandbox_id: str) -> None:
-        sandbox = self.manager.get(sandbox_id)
+        sandbox = self.manager.get(sandbox_id) or await self._auto_resume(sandbox_id)
         if sandbox is None:
             await sandbox_gone_response(sandbox_id)(scope, receive, send)
             return

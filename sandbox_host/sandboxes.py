@@ -16,12 +16,20 @@ How a sandbox's processes are found and killed depends on the host's mode (isola
 A restarted host adopts the sandboxes whose records are intact and whose agents answer, and kills
 the rest, so nothing it started is left behind.
 
+Pause (README "Lifecycle"): the agent ends every command and streams a tar of the sandbox's files,
+the host keeps it in the sandbox's host-only directory and kills every process; the record says
+`paused` and has no init. Resume launches a new agent (a free slot, so per-uid perhaps another uid),
+which unpacks the tar, under the same id, token and secret. Pause, resume and kill of one sandbox
+take turns (`_transition`); a restarted host lists paused records again without adopting anything.
+
 Sandboxes outlive the host process (a graceful stop leaves them running); each agent enforces its
 sandbox's deadline itself, so none outlives its TTL even if the host never comes back.
 
 Layout of state_dir (0711: traversable, not listable):
 
-    <id>/            0700, the host's only: record.json (0600), agent.sock, agent.log
+    <id>/            0700, the host's only: record.json (0600), agent.sock, agent.log; files.tar while
+                     paused (its /home/user and /tmp, packed and later unpacked by its agent)
+    host-id          the host's stable id (config.with_host_id), unless sandbox_host.host_id is set
     egress/<id>/     0700, owned by the sandbox: its egress proxy socket (bind-mounted read-only)
     unsafe/<id>/     --unsafe-no-isolation only: the sandbox's home and tmp on the host's disk
     toolchain/bin/   --unsafe-no-isolation only: python, pip, npm, npx links (toolchain.py)
@@ -54,7 +62,7 @@ import httpx
 import psutil
 
 from sandbox_host import isolation, toolchain
-from sandbox_host.agent_client import AGENT_SOCKET, AgentClient, AgentUnavailable, listen_socket
+from sandbox_host.agent_client import AGENT_SOCKET, AgentCallError, AgentClient, AgentUnavailable, listen_socket
 from sandbox_host.config import HostConfig
 from sandbox_host.egress import SOCKET_NAME, EgressProxy
 from sandbox_host.egress import proxy_env as egress_env
@@ -73,6 +81,19 @@ UNSAFE_DIR = "unsafe"
 TOOLCHAIN_DIR = "toolchain"
 IDEMPOTENCY_TTL_S = 24 * 3600
 AGENT_READY_TIMEOUT_S = 15.0
+RUNNING = "running"
+PAUSED = "paused"
+# A paused sandbox's files: a tar of /home/user and /tmp made inside the sandbox by its agent, kept
+# in its host-only directory. The host never unpacks it: the next agent of the sandbox does.
+FILES_ARCHIVE = "files.tar"
+# An auto-pausing sandbox's agent ends it this long after its TTL if the host has not paused it
+# by then (the host is down): the agent's own deadline is the backstop that no sandbox outlives.
+AUTO_PAUSE_GRACE_S = 120.0
+# A pause's archive comes from inside the sandbox: the host bounds its size (what the sandbox's two
+# writable tmpfs can hold, plus tar's overhead) and its duration, whatever the sandbox does to it.
+ARCHIVE_SLACK_BYTES = 64 * 1024 * 1024
+ARCHIVE_TIMEOUT_S = 300.0
+ARCHIVE_CHUNK_MAX = 1024 * 1024  # the agent sends 64 KiB chunks
 
 
 class SandboxLimitReached(Exception):
@@ -80,6 +101,10 @@ class SandboxLimitReached(Exception):
 
 
 class SandboxStartError(Exception):
+    pass
+
+
+class SandboxPauseError(Exception):
     pass
 
 
@@ -103,6 +128,10 @@ class SandboxRecord:
     secret: str = ""  # hex; the agent proves it holds it (agent_client.AgentClient.verify)
     mode: str = isolation.PER_UID  # the host's mode when it was created (records before modes: per-uid)
     own_uid: bool = True  # `uid` is the sandbox's own (root hosts): cleanup by uid
+    state: str = RUNNING  # RUNNING or PAUSED (a paused sandbox runs no process; its files are on disk)
+    paused_at: float | None = None
+    auto_pause: bool = False  # lifecycle on_timeout "pause": its TTL pauses it instead of killing it
+    auto_resume: bool = False  # a preview request resumes it when paused
 
     def public(self) -> dict[str, Any]:
         """The record without its secret (what the idempotency file keeps)."""
@@ -175,7 +204,9 @@ class SandboxManager:
         # As root every sandbox gets a uid of its own; otherwise it is the host's user.
         self.own_uids = isolation.can_use_own_uids()
         self.uid_base = isolation.uid_block(config.state_dir)
-        self.sandboxes: dict[str, Sandbox] = {}
+        self.sandboxes: dict[str, Sandbox] = {}  # running ones
+        self.paused: dict[str, Sandbox] = {}  # paused ones: a record and files on disk, no process
+        self._transitions: dict[str, asyncio.Lock] = {}  # pause / resume / kill of one sandbox, one at a time
         self.egress_root = config.state_dir / EGRESS_DIR
         self.unsafe_root = config.state_dir / UNSAFE_DIR
         self.toolchain_bin = config.state_dir / TOOLCHAIN_DIR / "bin"
@@ -219,7 +250,7 @@ class SandboxManager:
             task.cancel()
 
     async def kill_all(self) -> None:
-        await asyncio.gather(*(self.kill(sid) for sid in list(self.sandboxes)))
+        await asyncio.gather(*(self.kill(sid) for sid in [*self.sandboxes, *self.paused]))
 
     async def _adopt_or_reap(self) -> None:
         adopted_uids: set[int] = set()
@@ -227,6 +258,17 @@ class SandboxManager:
         not_sandboxes = (*roots, self.toolchain_bin.parent)
         for directory in sorted(p for p in self.state_dir.iterdir() if p.is_dir() and p not in not_sandboxes):
             record = self._read_record(directory)
+            unsafe_paused = record is not None and record.mode == isolation.UNSAFE and record.state == PAUSED
+            if record is not None and ((directory / FILES_ARCHIVE).exists() or unsafe_paused):
+                if record.state != PAUSED:
+                    # The host stopped during a pause (after the files were safe) or a resume
+                    # (before they were unpacked): it is paused, its files are those of the tar.
+                    await asyncio.to_thread(self._kill_processes, record)
+                    record.state, record.paused_at = PAUSED, time.time()
+                    record.init_pid = record.init_started = record.pid_ns = None
+                    await asyncio.to_thread(_write_json, directory / RECORD_FILE, asdict(record))
+                self.paused[record.sandbox_id] = Sandbox(record, directory)
+                continue
             if record is not None and await self._adopt(record, directory):
                 adopted_uids.add(record.uid)
                 continue
@@ -236,7 +278,7 @@ class SandboxManager:
             await asyncio.to_thread(shutil.rmtree, directory, True)
         for root in roots:  # files of sandboxes that are no more
             for leftover in root.iterdir():
-                if leftover.name not in self.sandboxes:
+                if leftover.name not in self.sandboxes and leftover.name not in self.paused:
                     await asyncio.to_thread(shutil.rmtree, leftover, True)
         if not self.own_uids:
             # No uid block to sweep: a sandbox runs code only once its init is recorded (_launch), and
@@ -295,7 +337,8 @@ class SandboxManager:
             isolation.stop_agent(init, record.init_started)
 
     async def _adopt(self, record: SandboxRecord, directory: Path) -> bool:
-        if record.end_at <= time.time() or self._verified_init_pid(record) is None:
+        expired = record.end_at <= time.time()
+        if (expired and not record.auto_pause) or self._verified_init_pid(record) is None:
             return False
         assert record.init_pid is not None
         sandbox = Sandbox(record, directory)
@@ -342,10 +385,13 @@ class SandboxManager:
         env_vars: dict[str, str],
         internet_access: bool,
         idempotency_key: str | None,
+        auto_pause: bool = False,
+        auto_resume: bool = False,
     ) -> SandboxRecord:
         """Create a sandbox, or return the one this idempotency key already created."""
+        lifecycle = (auto_pause, auto_resume)
         if idempotency_key is None:
-            sandbox = await self._create(template_id, timeout_s, metadata, env_vars, internet_access)
+            sandbox = await self._create(template_id, timeout_s, metadata, env_vars, internet_access, lifecycle)
             return sandbox.record
         while True:
             known = self._idempotency.get(idempotency_key)
@@ -360,7 +406,7 @@ class SandboxManager:
         future: asyncio.Future[Sandbox] = asyncio.get_running_loop().create_future()
         self._pending_creates[idempotency_key] = future
         try:
-            sandbox = await self._create(template_id, timeout_s, metadata, env_vars, internet_access)
+            sandbox = await self._create(template_id, timeout_s, metadata, env_vars, internet_access, lifecycle)
             self._idempotency[idempotency_key] = {"record": sandbox.record.public(), "created_at": time.time()}
             self._save_idempotency()
             future.set_result(sandbox)
@@ -386,6 +432,7 @@ class SandboxManager:
         metadata: dict[str, str],
         env_vars: dict[str, str],
         internet_access: bool,
+        lifecycle: tuple[bool, bool] = (False, False),
     ) -> Sandbox:
         async with self._create_lock:  # slot allocation and registration are one step
             slot = self._free_slot()
@@ -404,6 +451,8 @@ class SandboxManager:
                 metadata=metadata,
                 env_vars=env_vars,
                 internet_access=internet_access,
+                auto_pause=lifecycle[0],
+                auto_resume=lifecycle[1],
             )
             sandbox = Sandbox(record, self.state_dir / record.sandbox_id)
             self.sandboxes[record.sandbox_id] = sandbox
@@ -424,11 +473,16 @@ class SandboxManager:
     def _unsafe_dir(self, sandbox: Sandbox) -> Path:
         return self.unsafe_root / sandbox.sandbox_id
 
-    def _prepare_dirs(self, sandbox: Sandbox) -> None:
-        sandbox.directory.mkdir(mode=0o700)
+    def _prepare_dirs(self, sandbox: Sandbox, resume: bool = False) -> None:
+        sandbox.directory.mkdir(mode=0o700, exist_ok=resume)
         os.chmod(sandbox.directory, 0o700)
         _write_json(sandbox.directory / RECORD_FILE, asdict(sandbox.record))
         if self.config.isolated:
+            return
+        if resume:  # its files stayed where they were; a uid of its own may be another one now
+            if sandbox.record.own_uid:
+                _chown_tree(self._unsafe_dir(sandbox) / "home", sandbox.record.uid)
+                _chown_tree(self._unsafe_dir(sandbox) / "tmp", sandbox.record.uid)
             return
         # Unsafe mode: the agent runs as the sandbox's uid (or the host's user) on the host's filesystem.
         uid, files = sandbox.record.uid, self._unsafe_dir(sandbox)
@@ -461,11 +515,11 @@ class SandboxManager:
             return None  # no namespace of its own: same
         return self.config.limits.max_processes
 
-    async def _launch(self, sandbox: Sandbox) -> None:
+    async def _launch(self, sandbox: Sandbox, resume: bool = False) -> None:
         record = sandbox.record
         chain = self.toolchain
         assert chain is not None, "start() first"
-        await asyncio.to_thread(self._prepare_dirs, sandbox)
+        await asyncio.to_thread(self._prepare_dirs, sandbox, resume)
         await self._start_egress(sandbox)
         egress = sandbox.egress is not None
         extra_env = {**(egress_env() if egress else {}), **record.env_vars}
@@ -492,7 +546,7 @@ class SandboxManager:
                     init_fd=init_r,
                     home_dir=isolation.SANDBOX_HOME,
                     tmp_dir="/tmp",
-                    deadline=record.end_at,
+                    deadline=self._agent_deadline(record),
                     read_anywhere=True,
                     egress_socket=f"{isolation.EGRESS_DIR_INSIDE}/{SOCKET_NAME}" if egress else None,
                     max_processes=self._process_cap(record),
@@ -520,7 +574,7 @@ class SandboxManager:
                     init_fd=init_r,
                     home_dir=home,
                     tmp_dir=tmp,
-                    deadline=record.end_at,
+                    deadline=self._agent_deadline(record),
                     read_anywhere=False,
                     egress_socket=None,  # unisolated sandboxes share the host's network
                     max_processes=self._process_cap(record),
@@ -649,7 +703,22 @@ class SandboxManager:
             sandbox._timer.cancel()
         loop = asyncio.get_running_loop()
         delay = max(0.0, sandbox.record.end_at - time.time())
-        sandbox._timer = loop.call_later(delay, lambda: self._spawn(self._finish(sandbox, "its timeout expired")))
+        sandbox._timer = loop.call_later(delay, lambda: self._spawn(self._expire(sandbox)))
+
+    @staticmethod
+    def _agent_deadline(record: SandboxRecord) -> float:
+        return record.end_at + AUTO_PAUSE_GRACE_S if record.auto_pause else record.end_at
+
+    async def _expire(self, sandbox: Sandbox) -> None:
+        if sandbox.record.auto_pause:
+            try:
+                await self.pause(sandbox.sandbox_id)
+                return
+            except SandboxPauseError as exc:
+                log.error("sandbox %s: pausing at its timeout failed, so it ends: %s", sandbox.sandbox_id, exc)
+        async with self._transition(sandbox.sandbox_id):
+            if self.sandboxes.get(sandbox.sandbox_id) is sandbox and sandbox.record.end_at <= time.time() + 0.5:
+                await self._finish(sandbox, "its timeout expired")
 
     async def set_timeout(self, sandbox_id: str, timeout_s: int, *, extend_only: bool = False) -> SandboxRecord | None:
         sandbox = self.sandboxes.get(sandbox_id)
@@ -663,17 +732,23 @@ class SandboxManager:
             await asyncio.to_thread(_write_json, sandbox.directory / RECORD_FILE, asdict(sandbox.record))
             assert sandbox.agent is not None
             with contextlib.suppress(AgentUnavailable):
-                await sandbox.agent.call("set_deadline", deadline=end_at)
+                await sandbox.agent.call("set_deadline", deadline=self._agent_deadline(sandbox.record))
             self._arm_timer(sandbox)
         return sandbox.record
 
     # ------------------------------------------------------------------ kill / finish
     async def kill(self, sandbox_id: str) -> bool:
-        sandbox = self.sandboxes.get(sandbox_id)
-        if sandbox is None:
-            return False
-        await self._finish(sandbox, "it was killed")
-        return True
+        async with self._transition(sandbox_id):
+            paused = self.paused.pop(sandbox_id, None)
+            if paused is not None:
+                await asyncio.to_thread(self._remove_files, paused)
+                log.info("sandbox %s ended: it was killed while paused", sandbox_id)
+                return True
+            sandbox = self.sandboxes.get(sandbox_id)
+            if sandbox is None:
+                return False
+            await self._finish(sandbox, "it was killed")
+            return True
 
     async def _finish(self, sandbox: Sandbox, reason: str) -> None:
         if self.sandboxes.get(sandbox.sandbox_id) is not sandbox:
@@ -695,10 +770,178 @@ class SandboxManager:
 
     # ------------------------------------------------------------------ queries
     def get(self, sandbox_id: str) -> Sandbox | None:
+        """A running sandbox."""
         return self.sandboxes.get(sandbox_id)
 
+    def lookup(self, sandbox_id: str) -> Sandbox | None:
+        """A running or paused sandbox."""
+        return self.sandboxes.get(sandbox_id) or self.paused.get(sandbox_id)
+
     def list(self) -> list[Sandbox]:
-        return sorted(self.sandboxes.values(), key=lambda sb: (sb.record.started_at, sb.sandbox_id))
+        """Running and paused sandboxes, newest first (as E2B lists them)."""
+        everything = [*self.sandboxes.values(), *self.paused.values()]
+        return sorted(everything, key=lambda sb: (sb.record.started_at, sb.sandbox_id), reverse=True)
+
+    # ------------------------------------------------------------------ pause / resume
+    @contextlib.asynccontextmanager
+    async def _transition(self, sandbox_id: str):
+        lock = self._transitions.setdefault(sandbox_id, asyncio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and not getattr(lock, "_waiters", None):
+                self._transitions.pop(sandbox_id, None)
+
+    async def pause(self, sandbox_id: str) -> bool | None:
+        """Pause a running sandbox: its files go to the host's disk, every process ends. True when it
+        paused it, False when it was paused already, None when there is no such sandbox."""
+        async with self._transition(sandbox_id):
+            if sandbox_id in self.paused:
+                return False
+            sandbox = self.sandboxes.get(sandbox_id)
+            if sandbox is None:
+                return None
+            started = time.monotonic()
+            if self.config.isolated:
+                try:
+                    await asyncio.wait_for(self._archive(sandbox), ARCHIVE_TIMEOUT_S)
+                except TimeoutError:
+                    raise SandboxPauseError(f"archiving its files took longer than {ARCHIVE_TIMEOUT_S:.0f} s") from None
+            if self.sandboxes.get(sandbox_id) is not sandbox:
+                return None  # it ended meanwhile (its processes exited)
+            # From here on it is paused, in one step (no await between): the control plane always finds
+            # it in one of the two; envd and previews get 502, a connect waits for this pause to end.
+            running = SandboxRecord(**asdict(sandbox.record))  # its processes, to kill them below
+            record = sandbox.record
+            record.state, record.paused_at = PAUSED, time.time()
+            record.init_pid = record.init_started = record.pid_ns = None
+            del self.sandboxes[sandbox_id]
+            paused = Sandbox(record, sandbox.directory)
+            self.paused[sandbox_id] = paused
+            await sandbox.close_previews()
+            if sandbox.egress is not None:
+                await sandbox.egress.close()
+            sandbox.release()
+            await asyncio.to_thread(self._kill_processes, running)
+            await asyncio.to_thread(self._write_paused, paused)
+            sandbox.gone.set()
+            log.info("sandbox %s paused in %.0f ms", sandbox_id, (time.monotonic() - started) * 1000)
+            return True
+
+    def _write_paused(self, sandbox: Sandbox) -> None:
+        _write_json(sandbox.directory / RECORD_FILE, asdict(sandbox.record))
+        with contextlib.suppress(FileNotFoundError):
+            (sandbox.directory / AGENT_SOCKET).unlink()
+        shutil.rmtree(self.egress_root / sandbox.sandbox_id, ignore_errors=True)
+
+    async def _archive(self, sandbox: Sandbox) -> None:
+        """The sandbox's /home/user and /tmp as a tar in its host-only directory, made by its agent."""
+        assert sandbox.agent is not None
+        part = sandbox.directory / (FILES_ARCHIVE + ".part")
+        try:
+            stream = await sandbox.agent.open("archive")
+        except AgentUnavailable as exc:
+            raise SandboxPauseError(f"the sandbox agent is unreachable: {exc}") from None
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        room = 2 * self.config.limits.disk_bytes + ARCHIVE_SLACK_BYTES
+        done = False
+        try:
+            await stream.read_message()
+            while True:
+                size = int.from_bytes(await stream.reader.readexactly(4), "big")
+                if size == 0:
+                    break
+                room -= size
+                if room < 0 or size > ARCHIVE_CHUNK_MAX:
+                    raise SandboxPauseError("its archive is larger than its disk could hold")
+                view = memoryview(await stream.reader.readexactly(size))
+                while view:
+                    view = view[os.write(fd, view) :]
+            outcome = await stream.read_message()
+            if outcome is None or not outcome.get("ok"):
+                detail = (outcome or {}).get("stderr") or "the agent closed the connection"
+                raise SandboxPauseError(f"archiving the sandbox's files failed: {detail}")
+            done = True
+        except (OSError, ValueError, asyncio.IncompleteReadError, AgentCallError) as exc:
+            raise SandboxPauseError(f"archiving the sandbox's files failed: {exc}") from None
+        finally:
+            os.close(fd)
+            await stream.close()
+            if not done:
+                with contextlib.suppress(OSError):
+                    part.unlink()
+        os.replace(part, sandbox.directory / FILES_ARCHIVE)
+
+    async def resume(self, sandbox_id: str, timeout_s: int) -> tuple[SandboxRecord, bool] | None:
+        """Reach a sandbox, resuming it when paused: (its record, whether it was resumed), or None when
+        there is no such sandbox. A running one only ever gets a longer life, as on E2B."""
+        async with self._transition(sandbox_id):
+            if sandbox_id in self.sandboxes:
+                record = await self.set_timeout(sandbox_id, timeout_s, extend_only=True)
+                return (record, False) if record is not None else None
+            paused = self.paused.get(sandbox_id)
+            if paused is None:
+                return None
+            started = time.monotonic()
+            await self._resume(paused, timeout_s)
+            log.info("sandbox %s resumed in %.0f ms", sandbox_id, (time.monotonic() - started) * 1000)
+            return self.sandboxes[sandbox_id].record, True
+
+    async def _resume(self, paused: Sandbox, timeout_s: int) -> None:
+        old = paused.record
+        async with self._create_lock:
+            slot = self._free_slot()
+            record = SandboxRecord(**{**asdict(old), "state": RUNNING, "paused_at": None})
+            record.slot = slot
+            record.uid = self.uid_base + slot if self.own_uids else os.getuid()
+            record.end_at = time.time() + timeout_s
+            sandbox = Sandbox(record, paused.directory)
+            del self.paused[record.sandbox_id]
+            self.sandboxes[record.sandbox_id] = sandbox
+        try:
+            await self._launch(sandbox, resume=True)
+            if self.config.isolated:
+                await self._restore(sandbox)
+            await asyncio.to_thread(lambda: (sandbox.directory / FILES_ARCHIVE).unlink(missing_ok=True))
+        except BaseException:
+            self.sandboxes.pop(record.sandbox_id, None)
+            self.paused[record.sandbox_id] = paused  # still paused, its files untouched
+            if sandbox.egress is not None:
+                await sandbox.egress.close()
+            sandbox.release()
+            await asyncio.to_thread(self._kill_processes, record)
+            await asyncio.to_thread(self._write_paused, paused)
+            raise
+        self._arm_timer(sandbox)
+
+    async def _restore(self, sandbox: Sandbox) -> None:
+        assert sandbox.agent is not None
+        archive = sandbox.directory / FILES_ARCHIVE
+        fd = os.open(archive, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            stream = await sandbox.agent.open("restore", size=size)
+            try:
+                while chunk := f.read(1024 * 1024):
+                    await stream.write(chunk)
+                reply = await stream.read_message()
+            except AgentCallError as exc:
+                raise SandboxStartError(exc.message) from None
+            except (OSError, ValueError) as exc:
+                raise SandboxStartError(f"restoring the sandbox's files failed: {exc}") from None
+            finally:
+                await stream.close()
+        if reply is None:
+            raise SandboxStartError("restoring the sandbox's files failed: the agent closed the connection")
+
+
+def _chown_tree(root: Path, uid: int) -> None:
+    """Give a paused unsafe sandbox's files to the uid it runs as now (never following links)."""
+    for directory, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            os.lchown(os.path.join(directory, name), uid, uid)
+    os.lchown(root, uid, uid)
 
 
 def _write_and_close(fd: int, data: bytes) -> None:

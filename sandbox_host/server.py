@@ -163,15 +163,17 @@ async def serve(config: HostConfig, log_level: str) -> int:
         )
     )
     log.info(
-        "sandbox host %s on http://%s:%d (mode %s: sandboxes run %s; state %s, %d sandboxes adopted, API key %s)",
-        config.host_id,
+        "sandbox host on http://%s:%d (mode %s: sandboxes run %s; state %s, %d sandboxes adopted, %d paused, "
+        "API key %s, host id %s)",
         config.host,
         config.port,
         config.mode,
         MODE_DESCRIPTIONS[config.mode],
         config.state_dir,
         len(manager.sandboxes),
+        len(manager.paused),
         key_source,
+        config.host_id,
     )
     try:
         await server.serve(sockets=[listener])

@@ -13,18 +13,21 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+from e2b import AsyncSandbox, SandboxState
 from temporalio.client import Client
 
 from activities.build import BuildActivities
 from activities.preview import PreviewActivities
 from activities.runners import TemplateRunner
 from activities.sandbox import SandboxClient
+from activities.sweep import sweep_orphans
 from genloop.cli.worker import build_worker
 from genloop.http import preview_client
 from genloop.settings import load_settings
 from persistence.repository import JobRepository
-from sandbox_host.testing import free_port
+from sandbox_host.testing import RunningHost, free_port
 from tests.api.conftest import ApiServer, new_project, running_api, temporal_address
+from tests.helpers.sandboxes import pid_namespace_of, processes_in
 from tests.reliability.harness import wait_until
 from tests.workflows.conftest import sandbox_config
 from workflows.types import PreviewPolicy, PreviewStatus, preview_workflow_id
@@ -40,6 +43,7 @@ class PreviewStack:
     client: Client
     sandboxes: SandboxClient
     activities: BuildActivities
+    host: RunningHost
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +71,7 @@ async def preview_stack(tmp_path_factory, temporal_env, temporal_client, sandbox
             GENLOOP_PREVIEW_WAKE_HOLD_S="60",
         ) as api, api.client() as http:
             yield PreviewStack(api=api, http=http, repo=repo, client=temporal_client, sandboxes=sandboxes,
-                               activities=acts)
+                               activities=acts, host=sandbox_host)
 
 
 async def build(stack: PreviewStack, goal: str, project: str | None = None) -> dict:
@@ -103,7 +107,8 @@ async def test_each_version_has_a_stable_url_that_serves_its_app(preview_stack):
     project = new_project()
     v1 = await build(stack, "the first version", project)
     v2 = await build(stack, "the second version", project)
-    assert v1["preview_url"].startswith(f"http://v1--{project.lower()}") and v1["preview_url"] != v1["sandbox_preview_url"]
+    assert v1["preview_url"].startswith(f"http://v1--{project.lower()}")
+    assert v1["preview_url"] != v1["sandbox_preview_url"]
     assert v1["preview_state"] == "live" and v2["preview_url"].startswith("http://v2--")
     async with preview_client(timeout=10) as client:
         first, second = await asyncio.gather(client.get(v1["preview_url"]), client.get(v2["preview_url"]))
@@ -116,30 +121,57 @@ async def test_each_version_has_a_stable_url_that_serves_its_app(preview_stack):
         assert api_route.status_code == 404 and v1["build_id"] not in api_route.text
 
 
+def resumes(stack: PreviewStack, sandbox_id: str) -> int:
+    """How many times the local host resumed this sandbox (its log says so each time)."""
+    return stack.host.log_path.read_text(errors="replace").count(f"sandbox {sandbox_id} resumed")
+
+
+async def assert_paused_on_the_host(stack: PreviewStack, sandbox_id: str, pid_ns: int) -> None:
+    """The version's sandbox is really paused: state paused, 0 processes, its files on the host's disk."""
+    info = await AsyncSandbox.get_info(sandbox_id, **stack.host.sdk_options())
+    assert info.state == SandboxState.PAUSED
+    assert processes_in(pid_ns) == []
+    assert (stack.host.state_dir / sandbox_id / "files.tar").is_file()
+
+
 async def test_idle_version_pauses_and_its_next_request_wakes_it(preview_stack):
     stack = preview_stack
     v = await build(stack, "asleep and awake again")
+    async with preview_client(timeout=10) as client:
+        awake = (await client.get(v["preview_url"])).text
+    pid_ns = pid_namespace_of(stack.host, v["sandbox_id"])
     paused = await wait_state(stack, v["build_id"], "paused")
-    assert paused["preview_url"] == v["preview_url"]
+    assert paused["preview_url"] == v["preview_url"] and paused["sandbox_id"] == v["sandbox_id"]
+    await assert_paused_on_the_host(stack, v["sandbox_id"], pid_ns)
+    # The sweep lists paused sandboxes too, and keeps the one of a READY version.
+    assert v["sandbox_id"] not in (await sweep_orphans(stack.sandboxes, stack.repo, stack.client)).killed
+    before = await preview_status(stack, v["build_id"])
     async with preview_client(timeout=60) as client:
         page = await client.get(v["preview_url"])
-    assert page.status_code == 200 and "asleep and awake again" in page.text
+    assert page.status_code == 200 and page.text == awake and "asleep and awake again" in page.text
     woken = (await stack.http.get(f"/v1/builds/{v['build_id']}")).json()
     assert woken["preview_state"] == "live" and woken["preview_woken_at"] > paused["preview_woken_at"]
+    # Resumed, not served again: the same sandbox, with the files it had.
+    assert woken["sandbox_id"] == v["sandbox_id"] and (await preview_status(stack, v["build_id"])).serve == before.serve
+    assert resumes(stack, v["sandbox_id"]) == 1
 
 
 async def test_concurrent_requests_to_a_paused_version_wake_it_once(preview_stack):
     stack = preview_stack
     v = await build(stack, "fifty at once")
+    pid_ns = pid_namespace_of(stack.host, v["sandbox_id"])
     await wait_state(stack, v["build_id"], "paused")
+    await assert_paused_on_the_host(stack, v["sandbox_id"], pid_ns)
     before = await preview_status(stack, v["build_id"])
     async with preview_client(timeout=60) as client:
         pages = await asyncio.gather(*(client.get(v["preview_url"]) for _ in range(50)))
-    assert [p.status_code for p in pages] == [200] * 50
+    assert [p.status_code for p in pages] == [200] * 50, [p.text for p in pages if p.status_code != 200][:3]
     assert all("fifty at once" in p.text for p in pages)
     after = await preview_status(stack, v["build_id"])
-    assert after.state == "live" and after.serve - before.serve <= 1  # one wake: resumed, or served again once
-    assert len(await stack.sandboxes.find_for_build(v["build_id"])) == 1
+    # Exactly one resume: the same sandbox, resumed once, never served again.
+    assert after.state == "live" and after.serve == before.serve and after.sandbox_id == v["sandbox_id"]
+    assert resumes(stack, v["sandbox_id"]) == 1
+    assert await stack.sandboxes.find_for_build(v["build_id"]) == [v["sandbox_id"]]
 
 
 async def test_a_sandbox_killed_behind_genloops_back_is_served_again(preview_stack):
@@ -171,7 +203,8 @@ async def test_a_version_that_no_longer_starts_answers_503_with_its_debug_id(pre
     # Its stored Procfile now names a command that fails (as if a host change broke it).
     [procfile] = [f for f in await stack.repo.get_files(v["build_id"]) if f.path == "Procfile"]
     broken = (await stack.repo.put_blobs([b"web: python3 -c 'raise SystemExit(3)'\n"]))[0]
-    files = [(f.path, broken if f.path == "Procfile" else f.digest, f.size) for f in await stack.repo.get_files(v["build_id"])]
+    stored = await stack.repo.get_files(v["build_id"])
+    files = [(f.path, broken if f.path == "Procfile" else f.digest, f.size) for f in stored]
     await stack.repo.set_files(v["build_id"], files)
     assert procfile.digest != broken
     await stack.sandboxes.kill(v["sandbox_id"])
@@ -201,7 +234,8 @@ async def test_retention_removes_a_version_but_keeps_its_files(tmp_path, tempora
             running_api(tmp_path, token=None, TEMPORAL_ADDRESS=temporal_address(temporal_env),
                         GENLOOP_TEMPORAL_TASK_QUEUE=task_queue, GENLOOP_DATABASE_URL=migrated_db_url,
                         GENLOOP_API_PORT=str(api_port)) as api, api.client() as http:
-        stack = PreviewStack(api=api, http=http, repo=repo, client=temporal_client, sandboxes=sandboxes, activities=acts)
+        stack = PreviewStack(api=api, http=http, repo=repo, client=temporal_client, sandboxes=sandboxes,
+                             activities=acts, host=sandbox_host)
         v = await build(stack, "kept for four seconds")
         await wait_state(stack, v["build_id"], "removed")
         async with preview_client(timeout=10) as client:
