@@ -50,6 +50,9 @@ log = logging.getLogger("genloop.activities")
 T = TypeVar("T")
 
 HEARTBEAT_EVERY_S = 2.0
+# CODE, DEPS and CHECKS are recorded by the stage's first activity, not a local activity before it:
+# three local activities (and their workflow task time) fewer per build (bench levers toggles it).
+TRANSITIONS_IN_ACTIVITIES = True
 START_IN_ONE_WRITE = True  # STARTING: the job row and its transition in one transaction (bench levers toggles it)
 STATUS_EVERY_S = 2.0  # how often a runner's progress reaches the build's status message
 INSTALL_TIMEOUT_S = 900
@@ -192,6 +195,16 @@ class BuildActivities:
     @activity.defn(name="record_transition")
     @failures_as_application_errors
     async def record_transition(self, inp: TransitionInput) -> None:
+        await self._record_transition(inp)
+
+    async def _record_entered(self, entered: list[TransitionInput]) -> None:
+        """The stages the workflow entered since its last write, recorded before this activity's work
+        (ScaffoldState.transitions_in_activities). A retry records nothing twice: the same stage
+        again is a no-op."""
+        for transition in entered:
+            await self._record_transition(transition)
+
+    async def _record_transition(self, inp: TransitionInput) -> None:
         try:
             if inp.stage == Stage.STARTING.value and START_IN_ONE_WRITE:
                 await self.repo.start_job(
@@ -272,6 +285,7 @@ class BuildActivities:
         can_fix = Capability.FIX in getattr(runner, "capabilities", frozenset())
         state.can_fix = can_fix
         state.fix_attempts = self.fix_attempts if can_fix else 0
+        state.transitions_in_activities = TRANSITIONS_IN_ACTIVITIES
         return state
 
     @activity.defn(name="prepare_change")
@@ -323,6 +337,7 @@ class BuildActivities:
     @activity.defn(name="generate_code")
     @failures_as_application_errors
     async def generate_code(self, req: CodeRequest) -> CodeResult:
+        await self._record_entered(req.entered)
         runner = self._runner(req.runner)
         kind = Capability(req.kind)
         if kind not in getattr(runner, "capabilities", frozenset()):
@@ -447,6 +462,7 @@ class BuildActivities:
     @activity.defn(name="provision_sandbox")
     @failures_as_application_errors
     async def provision_sandbox(self, inp: SandboxInput) -> SandboxInfo:
+        await self._record_entered(inp.entered)
         sandbox = await self.sandboxes.create(inp.build_id, inp.project_id, serve=inp.serve)
         # Record the id before anything else can fail, so failure handling can always kill it.
         await self.repo.set_sandbox(inp.build_id, sandbox.sandbox_id, inp.workspace_path, host=self.host_id or None)
@@ -466,6 +482,7 @@ class BuildActivities:
     async def sync_sandbox_files(self, inp: SyncFilesInput) -> SyncFilesResult:
         """A fix attempt's files into the sandbox the build already has: write what changed, delete
         what went away. Idempotent: a retry writes the same contents and deletes nothing twice."""
+        await self._record_entered(inp.entered)
         old = {f.path: f.digest for f in inp.old_files}
         new = {f.path: f.digest for f in inp.new_files}
         changed = [f for f in inp.new_files if old.get(f.path) != f.digest]
@@ -485,6 +502,7 @@ class BuildActivities:
     @activity.defn(name="install_dependencies")
     @failures_as_application_errors
     async def install_dependencies(self, inp: SandboxInput) -> str:
+        await self._record_entered(inp.entered)
         paths = {f.path for f in inp.files}
         if "requirements.txt" in paths:
             cmd, what = "python3 -m venv .venv && .venv/bin/pip install --disable-pip-version-check -r requirements.txt", "pip"
@@ -522,6 +540,7 @@ class BuildActivities:
     @activity.defn(name="start_and_check")
     @failures_as_application_errors
     async def start_and_check(self, inp: SandboxInput) -> ChecksResult:
+        await self._record_entered(inp.entered)
         sandbox = await self.sandboxes.connect(_require(inp.sandbox_id))
         preview_url = self.sandboxes.preview_url(sandbox, self.app_port)
         async with preview_client(timeout=5.0) as http:

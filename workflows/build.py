@@ -64,6 +64,8 @@ HOST_FAILOVER_PATCH = "host-failover"  # a build whose sandbox host is lost move
 # Activities that touch a sandbox run on its host's queue; nobody polling it for this long means the
 # host (and its worker) is gone.
 HOST_SCHEDULE_TO_START = timedelta(seconds=5)
+# Stages whose transition the stage's first activity records (ScaffoldState.transitions_in_activities).
+DEFERRED_STAGES = frozenset({Stage.CODE, Stage.DEPS, Stage.CHECKS})
 HOST_ROUTED = frozenset({"install_dependencies", "start_and_check", "sync_sandbox_files", "kill_build_sandboxes",
                          "pause_sandbox", "resume_sandbox", "stop_serving"})  # builds that repair their own failing code (histories before it replay without)
 # What the fix loop repairs: the app's own failures. Infrastructure errors retry instead.
@@ -149,6 +151,9 @@ class BuildWorkflow:
         self._goal = req.goal
         self._host_queue = ""  # the sandbox host's queue, once the build has a sandbox on a local host
         self._fix_stopped = ""  # why the fix loop gave up, for the failure detail
+        # With ScaffoldState.transitions_in_activities: CODE/DEPS/CHECKS entered but not yet written;
+        # the next activity that can (its input has `entered`) or the next local write records them.
+        self._deferred: list[TransitionInput] | None = None
 
     # --- interface ---
 
@@ -199,6 +204,7 @@ class BuildWorkflow:
                 PreparedChange,
             )
             state, self._goal = prepared.scaffold, prepared.goal
+            self._defer_if(state)
             await self._enter(Stage.CODE)
             if req.change:
                 code = await self._code(state, "change", prepared.code, change=req.change)
@@ -218,6 +224,7 @@ class BuildWorkflow:
                 ),
                 ScaffoldState,
             )
+            self._defer_if(state)
             await self._enter(Stage.CODE)
             code = await self._code(state, "new_app", None)
             self._status.message = f"{len(code.files)} files written"
@@ -225,6 +232,7 @@ class BuildWorkflow:
         info, checks = await self._deps_and_checks(req, state, code)
 
         self._check_not_cancelled()
+        await self._flush_deferred()
         finished: FinishResult = await workflow.execute_local_activity(
             "finish_build",
             FinishInput(
@@ -378,6 +386,7 @@ class BuildWorkflow:
         """One fix attempt: record why the last attempt failed, go back to CODE and ask for a fix.
         None when the runner changed nothing (the loop stops)."""
         failed_attempt = self._status.attempt
+        await self._flush_deferred()
         await workflow.execute_local_activity(
             "record_attempt",
             AttemptInput(
@@ -393,38 +402,67 @@ class BuildWorkflow:
         return fixed if fixed.changed else None
 
     async def _activity(self, name: str, arg: object, result_type: type):
-        return await workflow.execute_activity(
-            name, arg, result_type=result_type, summary=self._stage.label, **activity_options(name, self._host_queue)
-        )
+        carried = self._deferred if self._deferred and hasattr(arg, "entered") else []
+        if carried:
+            arg.entered, self._deferred = carried, []  # type: ignore[attr-defined]
+        try:
+            return await workflow.execute_activity(
+                name, arg, result_type=result_type, summary=self._stage.label, **activity_options(name, self._host_queue)
+            )
+        except (ActivityError, asyncio.CancelledError):
+            if carried:  # recorded or not: the next write records them again (a no-op when they are)
+                self._deferred = carried + (self._deferred or [])
+            raise
+        finally:
+            if carried:
+                arg.entered = []  # type: ignore[attr-defined]
+
+    def _defer_if(self, state: ScaffoldState) -> None:
+        if state.transitions_in_activities:  # the worker says so; histories before it carry False
+            self._deferred = []
 
     def _check_not_cancelled(self) -> None:
         if self._cancel_reason is not None:
             raise _Cancelled()
 
     async def _enter(self, stage: Stage, message: str | None = None, **fields) -> None:
-        """Persist the stage before its work starts, then show it in the query and the Web UI."""
+        """Persist the stage before its work starts, then show it in the query and the Web UI. A
+        deferred stage is persisted by its first activity, before that activity's work."""
         self._check_not_cancelled()
+        if self._deferred is not None and stage in DEFERRED_STAGES and not fields:
+            self._deferred.append(self._transition(stage, message or stage.label))
+            self._set_stage(stage, message or stage.label)
+            return
         await self._record(stage, message or stage.label, **fields)
 
-    async def _record(self, stage: Stage, message: str, **fields) -> None:
+    def _transition(self, stage: Stage, message: str, **fields) -> TransitionInput:
         info = workflow.info()
+        return TransitionInput(
+            build_id=self._req.build_id,
+            stage=stage.value,
+            message=message,
+            at=workflow.now().isoformat(),
+            project_id=self._req.project_id,
+            goal=self._goal,
+            workflow_id=info.workflow_id,
+            run_id=info.run_id,
+            **fields,
+        )
+
+    async def _record(self, stage: Stage, message: str, **fields) -> None:
+        await self._flush_deferred()
         await workflow.execute_local_activity(
-            "record_transition",
-            TransitionInput(
-                build_id=self._req.build_id,
-                stage=stage.value,
-                message=message,
-                at=workflow.now().isoformat(),
-                project_id=self._req.project_id,
-                goal=self._goal,
-                workflow_id=info.workflow_id,
-                run_id=info.run_id,
-                **fields,
-            ),
-            summary=f"Record {stage.value}",
-            **DB_WRITE,
+            "record_transition", self._transition(stage, message, **fields), summary=f"Record {stage.value}", **DB_WRITE,
         )
         self._set_stage(stage, message)
+
+    async def _flush_deferred(self) -> None:
+        """Deferred stages no activity has carried yet, written before any other write of the build."""
+        while self._deferred:
+            transition = self._deferred.pop(0)
+            await workflow.execute_local_activity(
+                "record_transition", transition, summary=f"Record {transition.stage}", **DB_WRITE
+            )
 
     def _set_stage(self, stage: Stage, message: str) -> None:
         if stage != self._stage and not is_allowed(self._stage, stage):

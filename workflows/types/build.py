@@ -107,6 +107,9 @@ class ScaffoldState:
     runner: str = "template"
     can_fix: bool = False  # the runner can repair failing code
     fix_attempts: int = 0  # how many times it may try (runner.fix_attempts)
+    # The stage's first activity records its transition (CODE, DEPS, CHECKS), instead of a local
+    # activity before it. Recorded histories carry False: their builds replay the old way.
+    transitions_in_activities: bool = False
 
 
 @dataclass
@@ -134,6 +137,7 @@ class CodeRequest:
     change: str = ""
     failure: FailureInfo | None = None
     attempt: int = 1
+    entered: list[TransitionInput] = field(default_factory=list)  # stages to record before the work
 
 
 @dataclass
@@ -172,6 +176,7 @@ class SyncFilesInput:
     workspace_path: str
     old_files: list[FileManifestEntry]
     new_files: list[FileManifestEntry]
+    entered: list[TransitionInput] = field(default_factory=list)  # stages to record before the work
 
 
 @dataclass
@@ -209,6 +214,7 @@ class SandboxInput:
     sandbox_id: str | None = None
     reinstall: bool = False  # install again even if this sandbox installed before (a fix changed them)
     serve: int = 0  # 0: the build's own sandbox; n: the n-th time its version is served again
+    entered: list[TransitionInput] = field(default_factory=list)  # stages to record before the work
 
 
 @dataclass
