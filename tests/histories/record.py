@@ -7,7 +7,8 @@ Runs builds on a fresh dev server, local sandbox host and SQLite database, and e
 with `temporal workflow show --output json`: a ready, a failed and a cancelled build (session 1), a
 build repaired by the fix loop with a fake model (build_fixed), a project's line of changes
 (project_changes, with its child build_change), a version's preview lifecycle, and a build whose
-sandbox host is lost and which moves to another (build_host_failover). Never re-record an existing
+sandbox host is lost and which moves to another (build_host_failover); build_deferred and
+build_fixed_deferred have CODE/DEPS/CHECKS recorded by their activities (transitions_in_activities). Never re-record an existing
 history for a workflow change: old histories must keep replaying (patch the change instead).
 """
 
@@ -57,7 +58,7 @@ HERE = Path(__file__).parent
 
 
 SCENARIOS = ("build_ready", "build_failed", "build_cancelled", "build_fixed", "build_change", "project_changes",
-             "preview_lifecycle", "build_host_failover")
+             "preview_lifecycle", "build_host_failover", "build_deferred", "build_fixed_deferred")
 
 
 class LostHostOnceActivities(BuildActivities):
@@ -134,12 +135,15 @@ async def _run_scenarios(stack, model, wanted: list[str]) -> None:
             await asyncio.sleep(0.1)
         await cancelled.signal("cancel", CancelRequest(reason="recorded cancel"))
         await cancelled.result()
-    if "build_fixed" in wanted:
-        model.script(
-            write_files({"app.py": "raise SystemExit('boom')\n", "Procfile": "web: python3 app.py\n"}),
-            write_files({"app.py": _APP}),
-        )
-        await (await stack.start("fixed on attempt two", runner="llm", build_id="build_fixed")).result()
+    for name in ("build_fixed", "build_fixed_deferred"):
+        if name in wanted:
+            model.script(
+                write_files({"app.py": "raise SystemExit('boom')\n", "Procfile": "web: python3 app.py\n"}),
+                write_files({"app.py": _APP}),
+            )
+            await (await stack.start("fixed on attempt two", runner="llm", build_id=name)).result()
+    if "build_deferred" in wanted:
+        await (await stack.start("stages recorded by their activities", build_id="build_deferred")).result()
     if "build_change" in wanted or "project_changes" in wanted:
         project = "recorded"
         await (await stack.start("the line's first version", project_id=project, build_id="build_base")).result()
