@@ -91,37 +91,35 @@ HOST_ID_FILE = "host-id"
 def load_or_create_host_id(path: Path) -> str:
     """The id in `path`, written there first (atomically) when the file does not exist: "h-" and 12
     lowercase letters and digits, safe in a Temporal task queue name."""
-    if not path.exists():
-        alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        with open(tmp, "w") as f:
-            f.write("h-" + "".join(secrets.choice(alphabet) for _ in range(12)) + "\n")
-        try:
-            os.link(tmp, path)  # fails if another process won the race: use its id
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(tmp)
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+    _create_once(path, "h-" + "".join(secrets.choice(alphabet) for _ in range(12)), 0o644)
     host_id = path.read_text().strip()
     if not host_id:
         raise ConfigError(f"{path} is empty: delete it and restart the sandbox host to generate a new id")
     return host_id
 
 
+def _create_once(path: Path, content: str, mode: int) -> None:
+    """Write `content` to `path` unless it exists, atomically: the first of racing processes wins
+    and the others read its file."""
+    if path.exists():
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(content + "\n")
+    try:
+        os.link(tmp, path)  # fails if another process won the race: use its file
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+
+
 def load_or_create_key(path: Path) -> str:
     """The key in `path`, written there first (0600, atomically) when the file does not exist."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32) + "\n")
-        try:
-            os.link(tmp, path)  # fails if another process won the race: use its key
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(tmp)
+    _create_once(path, secrets.token_urlsafe(32), 0o600)
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     with os.fdopen(fd) as f:
         st = os.fstat(f.fileno())
