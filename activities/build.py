@@ -53,7 +53,6 @@ HEARTBEAT_EVERY_S = 2.0
 # CODE, DEPS and CHECKS are recorded by the stage's first activity, not a local activity before it:
 # three local activities (and their workflow task time) fewer per build (bench levers toggles it).
 TRANSITIONS_IN_ACTIVITIES = True
-START_IN_ONE_WRITE = True  # STARTING: the job row and its transition in one transaction (bench levers toggles it)
 STATUS_EVERY_S = 2.0  # how often a runner's progress reaches the build's status message
 INSTALL_TIMEOUT_S = 900
 HEALTH_DEADLINE_S = 60.0
@@ -206,12 +205,6 @@ class BuildActivities:
 
     async def _record_transition(self, inp: TransitionInput) -> None:
         try:
-            if inp.stage == Stage.STARTING.value and START_IN_ONE_WRITE:
-                await self.repo.start_job(
-                    inp.build_id, inp.project_id, inp.goal, workflow_id=inp.workflow_id, run_id=inp.run_id or None,
-                    message=inp.message, at=_parse_at(inp.at),
-                )
-                return
             if inp.stage == Stage.STARTING.value:
                 await self.repo.create_job(
                     inp.build_id, inp.project_id, inp.goal, workflow_id=inp.workflow_id, run_id=inp.run_id

@@ -50,9 +50,11 @@ def orm_transitions() -> contextlib.AbstractContextManager[None]:
     return _patched(persistence.repository, "CORE_TRANSITIONS", False)
 
 
-def starting_in_two_writes() -> contextlib.AbstractContextManager[None]:
-    """activities.build before: STARTING inserted the job, then moved it, in two transactions."""
-    return _patched(activities.build, "START_IN_ONE_WRITE", False)
+def transitions_as_local_activities() -> contextlib.AbstractContextManager[None]:
+    """activities.build before: CODE, DEPS and CHECKS each recorded by a local activity before the
+    stage's first activity (the worker tells the workflow in ScaffoldState, so the toggle reaches the
+    workflow through its history)."""
+    return _patched(activities.build, "TRANSITIONS_IN_ACTIVITIES", False)
 
 
 @contextlib.contextmanager
@@ -79,9 +81,6 @@ class MemoryRepositoryDouble:
         return None
 
     async def transition(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-    async def start_job(self, *args: Any, **kwargs: Any) -> None:
         return None
 
     async def set_sandbox(self, *args: Any, **kwargs: Any) -> None:

@@ -13,8 +13,8 @@ Variants:
   * before: a fresh SSL context per preview client and /health every 200 ms (levers.worker_levers_off;
     with the instant doubles the first probe answers, so only the SSL context costs here);
   * now: genloop as is;
-  * now with transitions as ORM units of work (levers.orm_transitions), and now with STARTING's job
-    insert and transition in two transactions (levers.starting_in_two_writes): each lever off alone;
+  * now with transitions as ORM units of work (levers.orm_transitions), and now with CODE, DEPS and
+    CHECKS recorded by local activities (levers.transitions_as_local_activities): each lever off alone;
   * UnsandboxedWorkflowRunner (workflow sandbox off; shown for its size, NOT proposed: the sandbox
     is what catches non-deterministic code);
   * now with the repository replaced by an in-memory double: not a proposal, it measures what the
@@ -41,7 +41,7 @@ VARIANTS = (
     ("before: SSL context per client, 200 ms poll", {}, levers.worker_levers_off),
     ("now (genloop as is)", {}, contextlib.nullcontext),
     ("now with ORM transitions (before the Core lever)", {}, levers.orm_transitions),
-    ("now with the job and STARTING in two writes (before)", {}, levers.starting_in_two_writes),
+    ("now with CODE/DEPS/CHECKS as local activities (before)", {}, levers.transitions_as_local_activities),
     ("now + unsandboxed workflow runner (not proposed)", {"workflow_runner": UnsandboxedWorkflowRunner()},
      contextlib.nullcontext),
     ("now, repository in memory (attribution only)", {"activities_cls": levers.MemoryRepoActivities},

@@ -104,15 +104,6 @@ class JobRepository:
             await self._insert_job(session, build_id, project_id, goal, workflow_id, run_id, lineage)
             return await self._locked_job(session, build_id)
 
-    async def start_job(
-        self, build_id: str, project_id: str, goal: str, *, workflow_id: str | None = None,
-        run_id: str | None = None, message: str = "", at: datetime | None = None,
-    ) -> Job:
-        """`create_job` and `transition(STARTING)` in one transaction: the STARTING stage's one write."""
-        async with self._write() as session:
-            await self._insert_job(session, build_id, project_id, goal, workflow_id, run_id, {})
-            return await self._move(session, build_id, Stage.STARTING, message, at, {"run_id": run_id} if run_id else {})
-
     async def _insert_job(
         self, session: AsyncSession, build_id: str, project_id: str, goal: str, workflow_id: str | None,
         run_id: str | None, lineage: dict[str, Any],

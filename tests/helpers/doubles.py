@@ -327,6 +327,9 @@ class LoggingAppRunnerDouble:
             f"for n in range({self.lines}):",
             "    print(f'line {n:06d} of the app output, padded to look like a real log line', flush=False)",
             "sys.stdout.flush()",
+            # Before it binds: its output and the first /health probe travel different paths, and
+            # what arrives after READY is only followed, not stored (activities.build DRAIN_*).
+            f"time.sleep({0.5 if self.lines else 0})",
         ]
         if self.ticks:
             prelude += [
