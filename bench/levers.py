@@ -18,6 +18,7 @@ import activities.build
 import genloop.http
 import persistence.repository
 from activities.build import BuildActivities
+from persistence.repository import AppendResult
 
 OLD_HEALTH_POLL_S = 0.2
 
@@ -94,6 +95,12 @@ class MemoryRepositoryDouble:
 
     async def add_usage(self, *args: Any, **kwargs: Any) -> None:
         return None
+
+    async def get(self, build_id: str) -> None:
+        return None  # the log sink's read of the job: attempt 1
+
+    async def append_logs(self, build_id: str, lines: Any, **kwargs: Any) -> AppendResult:
+        return AppendResult(len(lines), False)
 
     async def finish_ready(self, *args: Any, **kwargs: Any) -> _MemoryJob:
         return _MemoryJob("build_v0_1")
