@@ -89,8 +89,8 @@ DB_WRITE = dict(
     retry_policy=_retry(max_attempts=0, max_interval_s=5),
 )
 _LONG = dict(cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED)
-# Activities on a sandbox host heartbeat every 2 s: 8 s of silence means their worker is gone (with
-# HOST_SCHEDULE_TO_START, a lost host is noticed within ~13 s: bench hosts).
+# Activities on a sandbox host heartbeat every 2 s: 8 s of silence means their worker is gone (then
+# the retry's HOST_SCHEDULE_TO_START on the dead host's queue moves the build; bench hosts times it).
 _HOST_HEARTBEAT = timedelta(seconds=8)
 ACTIVITY_OPTIONS: dict[str, dict] = {
     "create_initial_state": dict(start_to_close_timeout=timedelta(seconds=30), retry_policy=_retry(5)),
