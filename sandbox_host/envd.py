@@ -169,6 +169,21 @@ class _Services:
         except AgentUnavailable:
             raise await self.gone_error(sandbox) from None
 
+    async def next_message(self, sandbox: Sandbox, stream: AgentStream, wait: float) -> dict[str, Any] | None:
+        """The stream's next message; None when `wait` seconds pass without one (time for a keepalive).
+        An agent error or the end of the stream is raised as the Connect error E2B's edge sends."""
+        try:
+            message = await asyncio.wait_for(stream.read_message(), wait)
+        except TimeoutError:
+            return None
+        except AgentCallError as exc:
+            raise ConnectError(_CONNECT_CODES.get(exc.code, Code.INTERNAL), exc.message) from None
+        except (OSError, ValueError):
+            message = None
+        if message is None:
+            raise await self.stream_ended_error(sandbox)
+        return message
+
     async def stream_ended_error(self, sandbox: Sandbox) -> ConnectError:
         """A stream whose sandbox went away under it ends as E2B's edge ends it: UNAVAILABLE with a
         message that does not say why, so the SDK probes the sandbox's health (502 "not found" once it
@@ -273,19 +288,12 @@ class ProcessService(_Services, process_connect.Process):
         keepalive = _keepalive_interval(ctx)
         try:
             while True:
-                try:
+                message = await self.next_message(sandbox, stream, keepalive)
+                if message is None:
                     # Keepalives keep proxies from idling the stream out and let the server notice
                     # a client that left a quiet command.
-                    message = await asyncio.wait_for(stream.read_message(), keepalive)
-                except TimeoutError:
                     yield process_pb.ProcessEvent(event=Oneof("keepalive", process_pb.ProcessEvent.KeepAlive()))
                     continue
-                except AgentCallError as exc:
-                    raise ConnectError(_CONNECT_CODES.get(exc.code, Code.INTERNAL), exc.message) from None
-                except (OSError, ValueError):
-                    message = None
-                if message is None:
-                    raise await self.stream_ended_error(sandbox)
                 if message.get("deadline_exceeded"):
                     # As envd: the stream's deadline ended the process, and the stream with it.
                     raise ConnectError(Code.DEADLINE_EXCEEDED, "the command's deadline (Connect-Timeout-Ms) expired")
@@ -449,19 +457,12 @@ class FilesystemService(_Services, filesystem_connect.Filesystem):
                     wait = min(wait, deadline - asyncio.get_running_loop().time())
                     if wait <= 0:
                         raise ConnectError(Code.DEADLINE_EXCEEDED, "the watch's deadline (Connect-Timeout-Ms) expired")
-                try:
-                    message = await asyncio.wait_for(stream.read_message(), wait)
-                except TimeoutError:
+                message = await self.next_message(sandbox, stream, wait)
+                if message is None:
                     if deadline is None or asyncio.get_running_loop().time() < deadline:
                         keep = filesystem_pb.WatchDirResponse.KeepAlive()
                         yield filesystem_pb.WatchDirResponse(event=Oneof("keepalive", keep))
                     continue
-                except AgentCallError as exc:
-                    raise ConnectError(_CONNECT_CODES.get(exc.code, Code.INTERNAL), exc.message) from None
-                except (OSError, ValueError):
-                    message = None
-                if message is None:
-                    raise await self.stream_ended_error(sandbox)
                 yield filesystem_pb.WatchDirResponse(event=Oneof("filesystem", _fs_event(message)))
         finally:
             await stream.close()
