@@ -253,8 +253,13 @@ async def test_lifecycle_on_timeout_pause_and_auto_resume_on_a_preview_request(h
         assert info.lifecycle == {"on_timeout": "pause", "auto_resume": True}
         await sb.files.write("/home/user/project/content.txt", "after the timeout")
         pid_ns = pid_namespace_of(host, sb.sandbox_id)
-        for _ in range(100):  # its timeout pauses it instead of killing it
-            if await info_state(sdk, sb.sandbox_id) == SandboxState.PAUSED:
+        # Its timeout pauses it instead of killing it. The control plane says paused as soon as the
+        # pause is decided; its processes end and its record is written after that, so wait for both.
+        for _ in range(150):
+            if (
+                await info_state(sdk, sb.sandbox_id) == SandboxState.PAUSED
+                and record_of(host, sb.sandbox_id)["state"] == "paused"
+            ):
                 break
             await asyncio.sleep(0.1)
         assert_paused_on_disk(host, sb.sandbox_id, pid_ns)
