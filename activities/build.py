@@ -218,6 +218,7 @@ class BuildActivities:
                 error_detail=inp.error_detail,
                 debug_id=inp.debug_id,
                 run_id=inp.run_id or None,
+                then=Stage(inp.then) if inp.then else None,
             )
         except GenloopError as err:
             if err.kind is ErrorKind.ILLEGAL_TRANSITION and await self._already_recorded(inp):
@@ -352,7 +353,7 @@ class BuildActivities:
             else None,
             token_budget=await self._token_budget(req.build_id),
         )
-        async with await self._sink(req.build_id, Stage.CODE) as sink:
+        async with await self._sink(req.build_id, Stage.CODE, attempt=req.attempt) as sink:
             if task.failure is not None:
                 sink.line(f"fixing: `{task.failure.command}` failed in {task.failure.stage} "
                           f"(exit code {task.failure.exit_code}); the runner is shown its output", command="runner")
@@ -394,13 +395,15 @@ class BuildActivities:
             raise GenloopError(ErrorKind.INVALID_INPUT, f"unknown runner {name!r}")
         return runner
 
-    async def _sink(self, build_id: str, stage: Stage, serve: int = 0) -> LogSink:
+    async def _sink(self, build_id: str, stage: Stage, serve: int = 0, attempt: int = 0) -> LogSink:
         """A log sink for this activity: the build's current fix attempt numbers its lines, and a
         retried activity says so once (its replayed output is not stored twice, see activities.logs).
-        `serve` n: the version served again in a new sandbox; its lines are keyed apart from the build's."""
-        job = await self.repo.get(build_id)
-        # Numbered as the API numbers attempts (1: the first try; record_attempt moves the job on).
-        attempt = max(job.attempt if job is not None else 0, 1)
+        `serve` n: the version served again in a new sandbox; its lines are keyed apart from the build's.
+        `attempt`: the workflow's attempt number, when its input carries one (saves reading the job)."""
+        if attempt < 1:
+            job = await self.repo.get(build_id)
+            # Numbered as the API numbers attempts (1: the first try; record_attempt moves the job on).
+            attempt = max(job.attempt if job is not None else 0, 1)
         sink = LogSink(self.repo, build_id, stage.value, attempt, self.logs, scope=f"serve-{serve}" if serve else "")
         if serve:
             sink.line(f"[genloop] serving this version again (sandbox {serve})", command="serve")
@@ -442,13 +445,8 @@ class BuildActivities:
     async def _store_files(self, build_id: str, files: FileSet) -> CodeResult:
         # Claim check: contents go to the blob store; the history carries the manifest only. The
         # build's file list is recorded too, so its files can be read and built on later.
-        digests = await self.repo.put_blobs(list(files.values()))
-        manifest = [
-            FileManifestEntry(path=path, digest=digest, size=len(content))
-            for (path, content), digest in zip(files.items(), digests, strict=True)
-        ]
-        await self.repo.set_files(build_id, [(m.path, m.digest, m.size) for m in manifest])
-        return manifest_result(manifest)
+        stored = await self.repo.store_files(build_id, list(files.items()))
+        return manifest_result([FileManifestEntry(path=p, digest=d, size=n) for p, d, n in stored])
 
     # --- DEPS ---
 
@@ -512,7 +510,7 @@ class BuildActivities:
             f"[ -f {INSTALL_PIDFILE} ] && kill -9 -- -$(cat {INSTALL_PIDFILE}) 2>/dev/null; "
             f"echo $$ > {INSTALL_PIDFILE}; {cmd}; rc=$?; rm -f {INSTALL_PIDFILE}; exit $rc"
         )
-        async with await self._sink(inp.build_id, Stage.DEPS, inp.serve) as sink:
+        async with await self._sink(inp.build_id, Stage.DEPS, inp.serve, inp.attempt) as sink:
             sink.line(f"$ {cmd}", command="install")
             try:
                 await _heartbeating(
@@ -539,7 +537,7 @@ class BuildActivities:
         async with preview_client(timeout=5.0) as http:
             if await _healthy(http, preview_url):  # a retried check after a successful start
                 return ChecksResult(preview_url=preview_url, port=self.app_port)
-            async with await self._sink(inp.build_id, Stage.CHECKS, inp.serve) as sink:
+            async with await self._sink(inp.build_id, Stage.CHECKS, inp.serve, inp.attempt) as sink:
                 return await self._start_and_check(sandbox, inp, http, preview_url, sink)
 
     async def _start_and_check(self, sandbox: Any, inp: SandboxInput, http: Any, preview_url: str,

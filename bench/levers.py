@@ -58,6 +58,12 @@ def transitions_as_local_activities() -> contextlib.AbstractContextManager[None]
     return _patched(activities.build, "TRANSITIONS_IN_ACTIVITIES", False)
 
 
+def sqlite_busy_wait() -> contextlib.AbstractContextManager[None]:
+    """persistence.repository before: a process's SQLite writers queued only on SQLite's busy handler
+    (sleeps with backoff) instead of taking turns on an asyncio lock first."""
+    return _patched(persistence.repository, "IN_PROCESS_WRITE_QUEUE", False)
+
+
 @contextlib.contextmanager
 def worker_levers_off() -> Iterator[None]:
     """Both worker-side levers back to their old behaviour."""
@@ -87,9 +93,6 @@ class MemoryRepositoryDouble:
     async def set_sandbox(self, *args: Any, **kwargs: Any) -> None:
         return None
 
-    async def set_files(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
     async def set_status_message(self, *args: Any, **kwargs: Any) -> None:
         return None
 
@@ -112,6 +115,10 @@ class MemoryRepositoryDouble:
             self.blobs[digest] = content
             digests.append(digest)
         return digests
+
+    async def store_files(self, build_id: str, files: list[tuple[str, bytes]]) -> list[tuple[str, str, int]]:
+        digests = await self.put_blobs([content for _, content in files])
+        return [(path, digest, len(content)) for (path, content), digest in zip(files, digests, strict=True)]
 
     async def get_blobs(self, digests: Any) -> dict[str, bytes]:
         return {d: self.blobs[d] for d in digests}

@@ -13,8 +13,11 @@ Variants:
   * before: a fresh SSL context per preview client and /health every 200 ms (levers.worker_levers_off;
     with the instant doubles the first probe answers, so only the SSL context costs here);
   * now: genloop as is;
-  * now with transitions as ORM units of work (levers.orm_transitions), and now with CODE, DEPS and
-    CHECKS recorded by local activities (levers.transitions_as_local_activities): each lever off alone;
+  * now with transitions as ORM units of work (levers.orm_transitions), now with CODE, DEPS and
+    CHECKS recorded by local activities (levers.transitions_as_local_activities), and now with a
+    process's SQLite writers queueing on SQLite's busy handler only (levers.sqlite_busy_wait), and
+    now with STARTING and SCAFFOLD written apart and ProjectId/BuildVersion upserted on their own
+    (bench.levers_workflow: a workflow subclass, the patch's old path): each lever off alone;
   * UnsandboxedWorkflowRunner (workflow sandbox off; shown for its size, NOT proposed: the sandbox
     is what catches non-deterministic code);
   * now with the repository replaced by an in-memory double: not a proposal, it measures what the
@@ -31,6 +34,7 @@ import os
 from temporalio.worker import UnsandboxedWorkflowRunner
 
 from bench import common, levers
+from bench.levers_workflow import BuildWorkflowTwoStartWrites
 from bench.overhead_bench import CONCURRENCY, WARMUP, pair_stack
 
 SCALE = float(os.environ.get("BENCH_SCALE", "1"))
@@ -42,6 +46,9 @@ VARIANTS = (
     ("now (genloop as is)", {}, contextlib.nullcontext),
     ("now with ORM transitions (before the Core lever)", {}, levers.orm_transitions),
     ("now with CODE/DEPS/CHECKS as local activities (before)", {}, levers.transitions_as_local_activities),
+    ("now with SQLite writers on the busy handler only (before)", {}, levers.sqlite_busy_wait),
+    ("now with STARTING, SCAFFOLD in two writes, 3 more upserts (before)",
+     {"build_workflow": BuildWorkflowTwoStartWrites}, contextlib.nullcontext),
     ("now + unsandboxed workflow runner (not proposed)", {"workflow_runner": UnsandboxedWorkflowRunner()},
      contextlib.nullcontext),
     ("now, repository in memory (attribution only)", {"activities_cls": levers.MemoryRepoActivities},

@@ -2,13 +2,19 @@
 
 Writes run under a lock on the job row (`SELECT ... FOR UPDATE` on PostgreSQL; on SQLite every
 write transaction starts with BEGIN IMMEDIATE, which serializes writers), so a read-validate-write
-never interleaves with another writer. Connection trouble surfaces as
+never interleaves with another writer. On SQLite a process's writers also queue on one asyncio lock
+(IN_PROCESS_WRITE_QUEUE): SQLite's busy handler waits by sleeping with backoff, so 50 writers of one
+process contending for its lock spent most of a build waiting (900 ms of BEGIN per build at
+concurrency 50). Connection trouble surfaces as
 `GenloopError(DATABASE_UNAVAILABLE)`, which callers retry.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -33,6 +39,9 @@ _LINEAGE_COLUMNS = frozenset(
 _BLOB_BATCH = 500
 # Transitions as two Core statements instead of an ORM unit of work (bench levers toggles it off).
 CORE_TRANSITIONS = True
+# On SQLite, a process's write transactions take turns on an asyncio lock before BEGIN IMMEDIATE
+# (bench levers toggles it off). Other processes' writers still queue on SQLite's busy timeout.
+IN_PROCESS_WRITE_QUEUE = True
 # The stages a build may move to each stage from (the stage table, inverted).
 _SOURCES = {target: [s.value for s in Stage if s is not target and is_allowed(s, target)] for target in Stage}
 
@@ -69,6 +78,10 @@ class JobRepository:
         self._dialect = bind.dialect.name
         self._where = describe_url(bind.url)
         self._owned_engine: AsyncEngine | None = None
+        # One per event loop (tests and the CLI may drive a repository from more than one).
+        self._write_turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @classmethod
     def from_url(cls, url: str) -> JobRepository:
@@ -145,8 +158,10 @@ class JobRepository:
         error_detail: str | None = None,
         debug_id: str | None = None,
         run_id: str | None = None,
+        then: Stage | None = None,
     ) -> Job:
-        """Move the build to `stage`, validated against the stage table, and record the transition.
+        """Move the build to `stage`, validated against the stage table, and record the transition;
+        with `then`, on to that stage too in the same transaction (its label as the message).
 
         Re-applying the current stage is a no-op (an activity retried after its commit landed).
         """
@@ -161,7 +176,10 @@ class JobRepository:
             if value is not None
         }
         async with self._write() as session:
-            return await self._move(session, build_id, Stage(stage), message, at, extra)
+            job = await self._move(session, build_id, Stage(stage), message, at, extra)
+            if then is not None:
+                job = await self._move(session, build_id, then, then.label, at, {})
+            return job
 
     async def _move(
         self, session: AsyncSession, build_id: str, stage: Stage, message: str, at: datetime | None,
@@ -194,7 +212,8 @@ class JobRepository:
             .where(Job.id == build_id, Job.status.in_(_SOURCES[stage]))
             .values(status=stage.value, status_message=text, updated_at=now, **extra)
             .returning(Job),
-            execution_options={"synchronize_session": False},
+            # populate_existing: a second move in the same session refreshes the job it returned first.
+            execution_options={"synchronize_session": False, "populate_existing": True},
         )
         job = moved.scalar_one_or_none()
         if job is None:
@@ -314,14 +333,26 @@ class JobRepository:
         """Replace the build's file list with `files` ((path, digest, size); contents already in
         the blob store). Idempotent: a retried write leaves the same rows."""
         async with self._write() as session:
-            await self._locked_job(session, build_id)
-            await session.execute(delete(BuildFile).where(BuildFile.build_id == build_id))
-            if files:
-                await session.execute(
-                    self._insert(BuildFile).values(
-                        [dict(build_id=build_id, path=p, digest=d, size=n) for p, d, n in files]
-                    )
-                )
+            await self._replace_files(session, build_id, files)
+
+    async def store_files(self, build_id: str, files: Sequence[tuple[str, bytes]]) -> list[tuple[str, str, int]]:
+        """The contents into the blob store and `files` ((path, content)) as the build's file list, in
+        one transaction; returns (path, digest, size) in order. Idempotent like its two halves."""
+        listed = [(path, hashlib.sha256(content).hexdigest(), len(content)) for path, content in files]
+        async with self._write() as session:
+            await self._insert_blobs(session, {digest: content for (_, digest, _), (_, content) in zip(listed, files)})
+            await self._replace_files(session, build_id, listed)
+        return listed
+
+    async def _replace_files(
+        self, session: AsyncSession, build_id: str, files: Sequence[tuple[str, str, int]]
+    ) -> None:
+        await self._locked_job(session, build_id)
+        await session.execute(delete(BuildFile).where(BuildFile.build_id == build_id))
+        if files:
+            await session.execute(
+                self._insert(BuildFile).values([dict(build_id=build_id, path=p, digest=d, size=n) for p, d, n in files])
+            )
 
     async def get_files(self, build_id: str) -> list[BuildFile]:
         async with self._read() as session:
@@ -553,16 +584,19 @@ class JobRepository:
     async def put_blobs(self, contents: Sequence[bytes]) -> list[str]:
         """Store contents by sha256 in one transaction (idempotent); returns the digests in order."""
         digests = [hashlib.sha256(c).hexdigest() for c in contents]
-        rows = {d: c for d, c in zip(digests, contents)}
+        if digests:
+            async with self._write() as session:
+                await self._insert_blobs(session, dict(zip(digests, contents, strict=True)))
+        return digests
+
+    async def _insert_blobs(self, session: AsyncSession, rows: dict[str, bytes]) -> None:
         if rows:
             now = utcnow()
-            async with self._write() as session:
-                await session.execute(
-                    self._insert(Blob)
-                    .values([dict(digest=d, size=len(c), content=c, created_at=now) for d, c in rows.items()])
-                    .on_conflict_do_nothing(index_elements=["digest"])
-                )
-        return digests
+            await session.execute(
+                self._insert(Blob)
+                .values([dict(digest=d, size=len(c), content=c, created_at=now) for d, c in rows.items()])
+                .on_conflict_do_nothing(index_elements=["digest"])
+            )
 
     async def get_blob(self, digest: str) -> bytes:
         return (await self.get_blobs([digest]))[digest]
@@ -586,11 +620,20 @@ class JobRepository:
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncSession]:
         with database_errors(self._where):
-            async with self._sessions() as session, session.begin():
+            async with self._write_turn(), self._sessions() as session, session.begin():
                 # Procure the connection with the write marker before anything runs, so SQLite
                 # starts this transaction with BEGIN IMMEDIATE.
                 await session.connection(execution_options=WRITE_TRANSACTION)
                 yield session
+
+    def _write_turn(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        if self._dialect != "sqlite" or not IN_PROCESS_WRITE_QUEUE:
+            return contextlib.nullcontext()
+        loop = asyncio.get_running_loop()
+        turn = self._write_turns.get(loop)
+        if turn is None:
+            turn = self._write_turns[loop] = asyncio.Lock()
+        return turn
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncSession]:

@@ -61,6 +61,9 @@ WORKSPACE_PATH = "/home/user/project"
 FIX_LOOP_PATCH = "fix-loop"
 PREVIEW_PATCH = "preview-lifecycle"  # READY versions get a PreviewWorkflow
 HOST_FAILOVER_PATCH = "host-failover"  # a build whose sandbox host is lost moves to another host
+# STARTING and SCAFFOLD in one local write; ProjectId rides on the first BuildStage upsert and
+# BuildVersion on READY's (3 history events and a transaction fewer per build; bench levers).
+ONE_START_WRITE_PATCH = "one-start-write"
 # Activities that touch a sandbox run on its host's queue; nobody polling it for this long means the
 # host (and its worker) is gone.
 HOST_SCHEDULE_TO_START = timedelta(seconds=5)
@@ -139,6 +142,9 @@ class _Cancelled(Exception):
 
 @workflow.defn(name=WORKFLOW_NAME)
 class BuildWorkflow:
+    # bench levers runs a subclass with False: the start as before ONE_START_WRITE_PATCH.
+    one_start_write = True
+
     @workflow.init
     def __init__(self, req: BuildRequest) -> None:
         self._req = req
@@ -154,6 +160,8 @@ class BuildWorkflow:
         # With ScaffoldState.transitions_in_activities: CODE/DEPS/CHECKS entered but not yet written;
         # the next activity that can (its input has `entered`) or the next local write records them.
         self._deferred: list[TransitionInput] | None = None
+        self._one_start_write = False  # ONE_START_WRITE_PATCH, decided first thing in run()
+        self._project_attribute_pending = False  # ProjectId not upserted yet (with the patch)
 
     # --- interface ---
 
@@ -171,7 +179,10 @@ class BuildWorkflow:
 
     @workflow.run
     async def run(self, req: BuildRequest) -> BuildResult:
-        workflow.upsert_search_attributes([PROJECT_ID.value_set(req.project_id)])
+        self._one_start_write = self.one_start_write and workflow.patched(ONE_START_WRITE_PATCH)
+        self._project_attribute_pending = self._one_start_write
+        if not self._one_start_write:
+            workflow.upsert_search_attributes([PROJECT_ID.value_set(req.project_id)])
         self._pipeline = asyncio.create_task(self._build(req))
         try:
             return await self._pipeline
@@ -191,9 +202,11 @@ class BuildWorkflow:
     # --- the pipeline ---
 
     async def _build(self, req: BuildRequest) -> BuildResult:
-        await self._enter(Stage.STARTING)
-
-        await self._enter(Stage.SCAFFOLD)
+        if self._one_start_write:
+            await self._start()
+        else:
+            await self._enter(Stage.STARTING)
+            await self._enter(Stage.SCAFFOLD)
         if req.kind == "change":
             prepared: PreparedChange = await self._activity(
                 "prepare_change",
@@ -248,8 +261,12 @@ class BuildWorkflow:
             **DB_WRITE,
         )
         self._status.build_version = finished.build_version
-        self._set_stage(Stage.READY, Stage.READY.label)
-        workflow.upsert_search_attributes([BUILD_VERSION.value_set(finished.build_version)])
+        version = [BUILD_VERSION.value_set(finished.build_version)]
+        if self._one_start_write:
+            self._set_stage(Stage.READY, Stage.READY.label, also=version)
+        else:
+            self._set_stage(Stage.READY, Stage.READY.label)
+            workflow.upsert_search_attributes(version)
         if finished.version_url and finished.preview is not None and workflow.patched(PREVIEW_PATCH):
             # The version's life goes on in a workflow of its own: idle pause, wake, retention.
             await workflow.start_child_workflow(
@@ -309,6 +326,7 @@ class BuildWorkflow:
         installed = False
         synced_from: list[FileManifestEntry] | None = None  # a fix's files still to put into the sandbox
         while True:
+            sandbox_input.attempt = self._status.attempt  # its log lines' attempt, without a job read
             try:
                 await self._enter(Stage.DEPS)
                 if info is None:
@@ -425,6 +443,19 @@ class BuildWorkflow:
         if self._cancel_reason is not None:
             raise _Cancelled()
 
+    async def _start(self) -> None:
+        """STARTING and SCAFFOLD in one local write (the job row and both transitions), shown with
+        one upsert: SCAFFOLD's work starts after both are persisted."""
+        self._check_not_cancelled()
+        await workflow.execute_local_activity(
+            "record_transition",
+            self._transition(Stage.STARTING, Stage.STARTING.label, then=Stage.SCAFFOLD.value),
+            summary="Record STARTING, SCAFFOLD",
+            **DB_WRITE,
+        )
+        self._set_stage(Stage.STARTING, Stage.STARTING.label, upsert=False)
+        self._set_stage(Stage.SCAFFOLD, Stage.SCAFFOLD.label)
+
     async def _enter(self, stage: Stage, message: str | None = None, **fields) -> None:
         """Persist the stage before its work starts, then show it in the query and the Web UI. A
         deferred stage is persisted by its first activity, before that activity's work."""
@@ -464,7 +495,7 @@ class BuildWorkflow:
                 "record_transition", transition, summary=f"Record {transition.stage}", **DB_WRITE
             )
 
-    def _set_stage(self, stage: Stage, message: str) -> None:
+    def _set_stage(self, stage: Stage, message: str, *, upsert: bool = True, also: list | None = None) -> None:
         if stage != self._stage and not is_allowed(self._stage, stage):
             # A bug in this file, not a runtime condition: fail loudly and permanently.
             raise ApplicationError(f"illegal transition {self._stage.value} -> {stage.value}", non_retryable=True)
@@ -473,7 +504,12 @@ class BuildWorkflow:
         self._status.label = stage.label
         self._status.message = message
         self._status.transitions.append(Transition(stage=stage.value, at=workflow.now().isoformat(), message=message))
-        workflow.upsert_search_attributes([BUILD_STAGE.value_set(stage.value)])
+        if upsert:
+            updates = [BUILD_STAGE.value_set(stage.value), *(also or [])]
+            if self._project_attribute_pending:
+                updates.append(PROJECT_ID.value_set(self._req.project_id))
+                self._project_attribute_pending = False
+            workflow.upsert_search_attributes(updates)
         attempt = f" (attempt {self._status.attempt} of {self._status.max_attempts})" if self._status.attempt > 1 else ""
         details = f"**{stage.label}**{attempt} {message if message != stage.label else ''}".strip()
         if self._status.sandbox_id:  # where it runs, for the Web UI's details

@@ -54,3 +54,27 @@ async def test_put_blobs_batches_dedupes_and_keeps_order(repo):
     assert await repo.get_blobs(digests) == dict(zip(digests, contents))
     assert await repo.put_blobs(contents) == digests  # idempotent
     assert await repo.put_blobs([]) == []
+
+
+async def test_store_files_writes_contents_and_the_file_list_in_one_transaction(repo):
+    await repo.create_job("b-files", "p-files", "an app")
+    files = [("app.py", b"print('hi')\n"), ("README.md", b""), ("copy.py", b"print('hi')\n")]
+
+    stored = await repo.store_files("b-files", files)
+
+    digest = hashlib.sha256(b"print('hi')\n").hexdigest()
+    assert stored[0] == ("app.py", digest, 12) and stored[2] == ("copy.py", digest, 12)
+    assert sorted((f.path, f.digest, f.size) for f in await repo.get_files("b-files")) == sorted(stored)
+    contents = {d: c for (_, d, _), (_, c) in zip(stored, files, strict=True)}
+    assert await repo.get_blobs([d for _, d, _ in stored]) == contents
+    assert await repo.store_files("b-files", files[:1]) == stored[:1]  # a retry, or a smaller set: replaced
+    assert [f.path for f in await repo.get_files("b-files")] == ["app.py"]
+
+
+async def test_store_files_for_an_unknown_build_writes_nothing(repo):
+    content = os.urandom(32)
+    with pytest.raises(GenloopError) as raised:
+        await repo.store_files("b-missing", [("x.bin", content)])
+    assert raised.value.kind is ErrorKind.NOT_FOUND
+    with pytest.raises(GenloopError):  # the blob insert rolled back with the file list
+        await repo.get_blob(hashlib.sha256(content).hexdigest())

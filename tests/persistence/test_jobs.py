@@ -113,6 +113,24 @@ async def test_concurrent_identical_transitions_record_one_row(repo: JobReposito
     assert [t.seq for t in await repo.list_transitions(build_id)] == [1, 2]
 
 
+async def test_a_transition_then_the_next_in_one_write(repo: JobRepository) -> None:
+    build_id = await new_job(repo)
+
+    job = await repo.transition(build_id, Stage.STARTING, then=Stage.SCAFFOLD)
+
+    assert job.stage is Stage.SCAFFOLD and job.status_message == Stage.SCAFFOLD.label
+    assert [(t.seq, t.stage) for t in await repo.list_transitions(build_id)] == [
+        (1, "queued"), (2, "starting"), (3, "scaffold")
+    ]
+    # All or nothing: a second move that is illegal leaves the first unwritten too.
+    other = await new_job(repo)
+    with pytest.raises(GenloopError) as raised:
+        await repo.transition(other, Stage.STARTING, then=Stage.DEPS)
+    assert raised.value.kind is ErrorKind.ILLEGAL_TRANSITION
+    assert [t.stage for t in await repo.list_transitions(other)] == ["queued"]
+    assert (await repo.get(other)).stage is Stage.QUEUED
+
+
 @pytest.mark.parametrize(
     ("reach", "target"),
     [

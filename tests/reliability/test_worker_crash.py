@@ -4,7 +4,9 @@ READY with exactly one sandbox, one build_version and every transition recorded 
 What "during" means per stage:
 - STARTING / SCAFFOLD: the worker is inside the stage's transition write (a local activity in the
   build's first workflow task), held there by a PostgreSQL trigger (harness.StageGate). The kill
-  aborts that open transaction; the workflow task times out and the new worker replays it.
+  aborts that open transaction; the workflow task times out and the new worker replays it. Both
+  stages are one write (workflows/build.py, ONE_START_WRITE_PATCH), so either gate finds the row
+  still queued.
 - CODE: the Runner is running (GatedRunnerDouble, first attempt waits for a gate the test never opens).
 - DEPS: the sandbox exists and `pip install` runs in it, building a dependency that takes minutes
   (SlowInstallRunnerDouble).
@@ -23,7 +25,7 @@ pytestmark = pytest.mark.reliability
 CASES = {
     # stage: (runner, how the kill is positioned, status in the database at the kill)
     "starting": ("template", "gate", "queued"),
-    "scaffold": ("template", "gate", "starting"),
+    "scaffold": ("template", "gate", "queued"),
     "code": ("gated", "generate_code", "code"),
     "deps": ("slow-install", "install_dependencies", "deps"),
     "checks": ("late-binding", "start_and_check", "checks"),
@@ -64,9 +66,9 @@ async def test_worker_killed_during_stage_resumes_to_ready(stack, stage):
 
 
 async def test_worker_killed_after_a_stage_commit_before_temporal_heard_of_it(stack):
-    """The window local activities leave: the SCAFFOLD write committed, then the worker dies before its
-    workflow task completion (which carries the local activities' results) reached Temporal. The new
-    worker replays the task and executes STARTING's and SCAFFOLD's writes again, against a row that is
+    """The window local activities leave: the STARTING and SCAFFOLD write committed, then the worker
+    dies before its workflow task completion (which carries the local activity's result) reached
+    Temporal. The new worker replays the task and executes that write again, against a row that is
     already past STARTING. The worker reaches Temporal through a TCP proxy; cutting it between the
     commit and the kill makes the window deterministic."""
     from tests.reliability.tcp_proxy import TcpProxy
@@ -79,7 +81,7 @@ async def test_worker_killed_after_a_stage_commit_before_temporal_heard_of_it(st
     try:
         first = await stack.start_worker(TEMPORAL_ADDRESS=f"127.0.0.1:{proxy.port}")
         handle = await stack.start_build("template")
-        await gate.wait_blocked()  # STARTING committed; SCAFFOLD's transaction waits at the gate
+        await gate.wait_blocked()  # the STARTING and SCAFFOLD transaction waits at the gate
         proxy.cut()  # the worker can no longer tell Temporal anything
         await gate.open_and_remove()  # SCAFFOLD commits
         await stack.wait_db_status(handle.id, "scaffold")

@@ -94,6 +94,7 @@ class TransitionInput:
     error_message: str | None = None
     error_detail: str | None = None
     debug_id: str | None = None
+    then: str = ""  # a stage the build moves on to in the same write (STARTING, then SCAFFOLD)
 
 
 @dataclass
@@ -215,6 +216,7 @@ class SandboxInput:
     reinstall: bool = False  # install again even if this sandbox installed before (a fix changed them)
     serve: int = 0  # 0: the build's own sandbox; n: the n-th time its version is served again
     entered: list[TransitionInput] = field(default_factory=list)  # stages to record before the work
+    attempt: int = 0  # the build's fix attempt (1 = the first try); 0: the activity reads it from the job
 
 
 @dataclass
