@@ -3,9 +3,8 @@
 Writes run under a lock on the job row (`SELECT ... FOR UPDATE` on PostgreSQL; on SQLite every
 write transaction starts with BEGIN IMMEDIATE, which serializes writers), so a read-validate-write
 never interleaves with another writer. On SQLite a process's writers also queue on one asyncio lock
-(IN_PROCESS_WRITE_QUEUE): SQLite's busy handler waits by sleeping with backoff, so 50 writers of one
-process contending for its lock spent most of a build waiting (900 ms of BEGIN per build at
-concurrency 50). Connection trouble surfaces as
+(IN_PROCESS_WRITE_QUEUE): SQLite's busy handler sleeps with backoff and is unfair, so with 50 builds
+writing at once a starved writer waited over 4 s (docs/benchmarks.md §9). Connection trouble surfaces as
 `GenloopError(DATABASE_UNAVAILABLE)`, which callers retry.
 """
 
@@ -340,7 +339,7 @@ class JobRepository:
         one transaction; returns (path, digest, size) in order. Idempotent like its two halves."""
         listed = [(path, hashlib.sha256(content).hexdigest(), len(content)) for path, content in files]
         async with self._write() as session:
-            await self._insert_blobs(session, {digest: content for (_, digest, _), (_, content) in zip(listed, files)})
+            await self._insert_blobs(session, {digest: content for (_, digest, _), (_, content) in zip(listed, files, strict=True)})
             await self._replace_files(session, build_id, listed)
         return listed
 

@@ -62,7 +62,7 @@ FIX_LOOP_PATCH = "fix-loop"
 PREVIEW_PATCH = "preview-lifecycle"  # READY versions get a PreviewWorkflow
 HOST_FAILOVER_PATCH = "host-failover"  # a build whose sandbox host is lost moves to another host
 # STARTING and SCAFFOLD in one local write; ProjectId rides on the first BuildStage upsert and
-# BuildVersion on READY's (3 history events and a transaction fewer per build; bench levers).
+# BuildVersion on READY's (a local activity, a transaction and 3 upserts fewer per build).
 ONE_START_WRITE_PATCH = "one-start-write"
 # Activities that touch a sandbox run on its host's queue; nobody polling it for this long means the
 # host (and its worker) is gone.
