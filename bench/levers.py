@@ -58,12 +58,6 @@ def transitions_as_local_activities() -> contextlib.AbstractContextManager[None]
     return _patched(activities.build, "TRANSITIONS_IN_ACTIVITIES", False)
 
 
-def sqlite_busy_wait() -> contextlib.AbstractContextManager[None]:
-    """persistence.repository before: a process's SQLite writers queued only on SQLite's busy handler
-    (sleeps with backoff) instead of taking turns on an asyncio lock first."""
-    return _patched(persistence.repository, "IN_PROCESS_WRITE_QUEUE", False)
-
-
 @contextlib.contextmanager
 def worker_levers_off() -> Iterator[None]:
     """Both worker-side levers back to their old behaviour."""

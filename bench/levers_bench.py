@@ -14,9 +14,7 @@ Variants:
     with the instant doubles the first probe answers, so only the SSL context costs here);
   * now: genloop as is;
   * now with transitions as ORM units of work (levers.orm_transitions), now with CODE, DEPS and
-    CHECKS recorded by local activities (levers.transitions_as_local_activities), and now with a
-    process's SQLite writers queueing on SQLite's busy handler only (levers.sqlite_busy_wait), and
-    now with STARTING and SCAFFOLD written apart and ProjectId/BuildVersion upserted on their own
+    CHECKS recorded by local activities (levers.transitions_as_local_activities), and now with STARTING and SCAFFOLD written apart and ProjectId/BuildVersion upserted on their own
     (bench.levers_workflow: a workflow subclass, the patch's old path): each lever off alone;
   * UnsandboxedWorkflowRunner (workflow sandbox off; shown for its size, NOT proposed: the sandbox
     is what catches non-deterministic code);
@@ -46,7 +44,6 @@ VARIANTS = (
     ("now (genloop as is)", {}, contextlib.nullcontext),
     ("now with ORM transitions (before the Core lever)", {}, levers.orm_transitions),
     ("now with CODE/DEPS/CHECKS as local activities (before)", {}, levers.transitions_as_local_activities),
-    ("now with SQLite writers on the busy handler only (before)", {}, levers.sqlite_busy_wait),
     ("now with STARTING, SCAFFOLD in two writes, 3 more upserts (before)",
      {"build_workflow": BuildWorkflowTwoStartWrites}, contextlib.nullcontext),
     ("now + unsandboxed workflow runner (not proposed)", {"workflow_runner": UnsandboxedWorkflowRunner()},

@@ -2,18 +2,13 @@
 
 Writes run under a lock on the job row (`SELECT ... FOR UPDATE` on PostgreSQL; on SQLite every
 write transaction starts with BEGIN IMMEDIATE, which serializes writers), so a read-validate-write
-never interleaves with another writer. On SQLite a process's writers also queue on one asyncio lock
-(IN_PROCESS_WRITE_QUEUE): SQLite's busy handler sleeps with backoff and is unfair, so with 50 builds
-writing at once a starved writer waited over 4 s (docs/benchmarks.md §9). Connection trouble surfaces as
+never interleaves with another writer. Connection trouble surfaces as
 `GenloopError(DATABASE_UNAVAILABLE)`, which callers retry.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
-import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -38,9 +33,6 @@ _LINEAGE_COLUMNS = frozenset(
 _BLOB_BATCH = 500
 # Transitions as two Core statements instead of an ORM unit of work (bench levers toggles it off).
 CORE_TRANSITIONS = True
-# On SQLite, a process's write transactions take turns on an asyncio lock before BEGIN IMMEDIATE
-# (bench levers toggles it off). Other processes' writers still queue on SQLite's busy timeout.
-IN_PROCESS_WRITE_QUEUE = True
 # The stages a build may move to each stage from (the stage table, inverted).
 _SOURCES = {target: [s.value for s in Stage if s is not target and is_allowed(s, target)] for target in Stage}
 
@@ -77,10 +69,6 @@ class JobRepository:
         self._dialect = bind.dialect.name
         self._where = describe_url(bind.url)
         self._owned_engine: AsyncEngine | None = None
-        # One per event loop (tests and the CLI may drive a repository from more than one).
-        self._write_turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
-            weakref.WeakKeyDictionary()
-        )
 
     @classmethod
     def from_url(cls, url: str) -> JobRepository:
@@ -619,20 +607,11 @@ class JobRepository:
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncSession]:
         with database_errors(self._where):
-            async with self._write_turn(), self._sessions() as session, session.begin():
+            async with self._sessions() as session, session.begin():
                 # Procure the connection with the write marker before anything runs, so SQLite
                 # starts this transaction with BEGIN IMMEDIATE.
                 await session.connection(execution_options=WRITE_TRANSACTION)
                 yield session
-
-    def _write_turn(self) -> contextlib.AbstractAsyncContextManager[Any]:
-        if self._dialect != "sqlite" or not IN_PROCESS_WRITE_QUEUE:
-            return contextlib.nullcontext()
-        loop = asyncio.get_running_loop()
-        turn = self._write_turns.get(loop)
-        if turn is None:
-            turn = self._write_turns[loop] = asyncio.Lock()
-        return turn
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncSession]:

@@ -136,11 +136,12 @@ def test_replay_passes_on_recorded_history_and_fails_on_changed_workflow(tmp_pat
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "replay OK" in ok.stdout
 
-    # A deliberately changed workflow (SCAFFOLD's activity skipped) shadows the real package.
+    # A deliberately changed workflow (SCAFFOLD's write skipped on the path this history took, the
+    # one before ONE_START_WRITE_PATCH) shadows the real package.
     changed = tmp_path / "workflows"
     shutil.copytree(REPO / "workflows", changed)
     source = (changed / "build.py").read_text()
-    edited = source.replace('        await self._enter(Stage.SCAFFOLD)\n', '')
+    edited = source.replace('            await self._enter(Stage.SCAFFOLD)\n', '            pass\n')
     assert edited != source
     (changed / "build.py").write_text(edited)
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
