@@ -100,7 +100,7 @@ class SandboxClient:
 
 
 def classify_sandbox_error(exc: BaseException) -> GenloopError:
-    """Map an SDK / transport exception onto the error taxonomy."""
+    """Map an SDK / transport exception onto the error taxonomy; anything else is genloop's own bug."""
     if isinstance(exc, GenloopError):
         return exc
     detail = f"{type(exc).__name__}: {redact_secrets(str(exc))}"
@@ -118,8 +118,10 @@ def classify_sandbox_error(exc: BaseException) -> GenloopError:
         return GenloopError(ErrorKind.SANDBOX_UNREACHABLE, detail)
     if isinstance(exc, e2b.ServiceBusyException):
         return GenloopError(ErrorKind.SERVICE_BUSY, detail)
-    # Anything else from the SDK or below: retry (bounded by the activity's retry policy).
-    return GenloopError(ErrorKind.SANDBOX_UNREACHABLE, detail)
+    if isinstance(exc, (e2b.SandboxException, httpx.HTTPError)):
+        # Anything else from the SDK or below: retry (bounded by the activity's retry policy).
+        return GenloopError(ErrorKind.SANDBOX_UNREACHABLE, detail)
+    return GenloopError(ErrorKind.INTERNAL_ERROR, detail)
 
 
 async def close_sdk_transports() -> None:

@@ -20,6 +20,9 @@ class ErrorKind(str, Enum):
     SANDBOX_UNREACHABLE = "SandboxUnreachable"
     DATABASE_UNAVAILABLE = "DatabaseUnavailable"
     NETWORK = "NetworkError"
+    # A bug in genloop (an exception no layer below raised on purpose): retried, so a worker with the
+    # fix picks the build up, and named as what it is.
+    INTERNAL_ERROR = "InternalError"
     # permanent: retrying repeats the failure
     AUTH_FAILED = "AuthFailed"
     INVALID_INPUT = "InvalidInput"
@@ -49,6 +52,7 @@ _TRANSIENT = frozenset(
         ErrorKind.SANDBOX_UNREACHABLE,
         ErrorKind.DATABASE_UNAVAILABLE,
         ErrorKind.NETWORK,
+        ErrorKind.INTERNAL_ERROR,
     }
 )
 
