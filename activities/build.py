@@ -263,7 +263,9 @@ class BuildActivities:
         )
         if job.preview_label is None:
             return FinishResult(build_version=job.build_version or "")
-        return FinishResult(build_version=job.build_version or "", version_url=job.preview_url or "", preview=self.preview)
+        return FinishResult(
+            build_version=job.build_version or "", version_url=job.preview_url or "", preview=self.preview
+        )
 
     # --- SCAFFOLD ---
 
@@ -307,8 +309,13 @@ class BuildActivities:
         )
         code = await self._store_files(inp.build_id, files)
         scaffold = self._allowances(
-            ScaffoldState(session_id=inp.build_id, project_path="", goal=base.goal, project_id=inp.project_id,
-                          runner=job.runner or "template"),
+            ScaffoldState(
+                session_id=inp.build_id,
+                project_path="",
+                goal=base.goal,
+                project_id=inp.project_id,
+                runner=job.runner or "template",
+            ),
             self._runner(job.runner or "template"),
         )
         return PreparedChange(
@@ -355,8 +362,11 @@ class BuildActivities:
         )
         async with await self._sink(req.build_id, Stage.CODE, attempt=req.attempt) as sink:
             if task.failure is not None:
-                sink.line(f"fixing: `{task.failure.command}` failed in {task.failure.stage} "
-                          f"(exit code {task.failure.exit_code}); the runner is shown its output", command="runner")
+                sink.line(
+                    f"fixing: `{task.failure.command}` failed in {task.failure.stage} "
+                    f"(exit code {task.failure.exit_code}); the runner is shown its output",
+                    command="runner",
+                )
             try:
                 result = await self._run_runner(req.build_id, runner, task, sink)
             except GenloopError as err:
@@ -386,8 +396,13 @@ class BuildActivities:
 
     async def _record_usage(self, build_id: str, usage: Usage | None) -> None:
         if usage is not None and usage.calls:
-            await self.repo.add_usage(build_id, tokens_in=usage.input_tokens, tokens_out=usage.output_tokens,
-                                      calls=usage.calls, model=usage.model)
+            await self.repo.add_usage(
+                build_id,
+                tokens_in=usage.input_tokens,
+                tokens_out=usage.output_tokens,
+                calls=usage.calls,
+                model=usage.model,
+            )
 
     def _runner(self, name: str) -> Runner:
         runner = self.runners.get(name)
@@ -409,8 +424,10 @@ class BuildActivities:
             sink.line(f"[genloop] serving this version again (sandbox {serve})", command="serve")
         with contextlib.suppress(RuntimeError):  # outside an activity (unit tests)
             if (n := activity.info().attempt) > 1:
-                sink.line(f"[genloop] this step is running again (try {n}); output stored before is not repeated",
-                          command=f"retry-{n}")
+                sink.line(
+                    f"[genloop] this step is running again (try {n}); output stored before is not repeated",
+                    command=f"retry-{n}",
+                )
         return sink
 
     async def _run_runner(self, build_id: str, runner: Runner, task: RunnerTask, sink: LogSink) -> RunnerResult:
@@ -464,7 +481,9 @@ class BuildActivities:
             await _heartbeating(sandbox.files.write_files(entries), "writing files")
         activity.logger.info("sandbox %s ready for build %s (%d files)", sandbox.sandbox_id, inp.build_id, len(entries))
         return SandboxInfo(
-            sandbox_id=sandbox.sandbox_id, workspace_path=inp.workspace_path, task_queue=self.host_queue,
+            sandbox_id=sandbox.sandbox_id,
+            workspace_path=inp.workspace_path,
+            task_queue=self.host_queue,
             host=self.host_id,
         )
 
@@ -496,7 +515,10 @@ class BuildActivities:
         await self._record_entered(inp.entered)
         paths = {f.path for f in inp.files}
         if "requirements.txt" in paths:
-            cmd, what = "python3 -m venv .venv && .venv/bin/pip install --disable-pip-version-check -r requirements.txt", "pip"
+            cmd, what = (
+                "python3 -m venv .venv && .venv/bin/pip install --disable-pip-version-check -r requirements.txt",
+                "pip",
+            )
         elif "package.json" in paths:
             cmd, what = "npm install --no-audit --no-fund", "npm"
         else:
@@ -515,8 +537,11 @@ class BuildActivities:
             try:
                 await _heartbeating(
                     sandbox.commands.run(
-                        guarded, cwd=inp.workspace_path, timeout=INSTALL_TIMEOUT_S,
-                        on_stdout=sink.writer("install", "stdout"), on_stderr=sink.writer("install", "stderr"),
+                        guarded,
+                        cwd=inp.workspace_path,
+                        timeout=INSTALL_TIMEOUT_S,
+                        on_stdout=sink.writer("install", "stdout"),
+                        on_stderr=sink.writer("install", "stderr"),
                     ),
                     f"installing ({what})",
                 )
@@ -540,8 +565,9 @@ class BuildActivities:
             async with await self._sink(inp.build_id, Stage.CHECKS, inp.serve, inp.attempt) as sink:
                 return await self._start_and_check(sandbox, inp, http, preview_url, sink)
 
-    async def _start_and_check(self, sandbox: Any, inp: SandboxInput, http: Any, preview_url: str,
-                               sink: LogSink) -> ChecksResult:
+    async def _start_and_check(
+        self, sandbox: Any, inp: SandboxInput, http: Any, preview_url: str, sink: LogSink
+    ) -> ChecksResult:
         try:
             procfile = await sandbox.files.read(f"{inp.workspace_path}/Procfile")
         except e2b.NotFoundException:
@@ -570,7 +596,7 @@ class BuildActivities:
         # The pidfile makes a retried start replace, not race, the previous attempt's process.
         launch = (
             f"[ -f {APP_PIDFILE} ] && kill $(cat {APP_PIDFILE}) 2>/dev/null; echo $$ > {APP_PIDFILE}; "
-            f"[ -d .venv ] && export PATH=\"$PWD/.venv/bin:$PATH\"; exec {web_cmd}"
+            f'[ -d .venv ] && export PATH="$PWD/.venv/bin:$PATH"; exec {web_cmd}'
         )
         handle = await sandbox.commands.run(
             launch,
@@ -669,14 +695,15 @@ def _web_command(procfile: str) -> str:
         if sep and name.strip() == "web" and cmd.strip():
             return cmd.strip()
     message = "the project has no Procfile with a `web:` line naming the command that starts the app"
-    raise GenloopError(ErrorKind.APP_CHECK_FAILED, message, failure=app_failure(Stage.CHECKS, "(Procfile)", None, message))
+    raise GenloopError(
+        ErrorKind.APP_CHECK_FAILED, message, failure=app_failure(Stage.CHECKS, "(Procfile)", None, message)
+    )
 
 
 def _require(sandbox_id: str | None) -> str:
     if not sandbox_id:
         raise GenloopError(ErrorKind.INVALID_INPUT, "no sandbox id")
     return sandbox_id
-
 
 
 def manifest_result(manifest: list[FileManifestEntry]) -> CodeResult:

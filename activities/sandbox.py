@@ -83,7 +83,9 @@ class SandboxClient:
         return [s.sandbox_id for s in await self.list({SANDBOX_METADATA_KEY: build_id})]
 
     async def list(self, metadata: dict[str, str] | None = None) -> list[Any]:
-        paginator = AsyncSandbox.list(query=SandboxQuery(metadata=metadata) if metadata else None, **self.config.sdk_options())
+        paginator = AsyncSandbox.list(
+            query=SandboxQuery(metadata=metadata) if metadata else None, **self.config.sdk_options()
+        )
         found: list[Any] = []
         while paginator.has_next:
             found.extend(await paginator.next_items())

@@ -51,7 +51,9 @@ def unavailable() -> ApiError:
     return ApiError(503, ErrorCode.SERVICE_UNAVAILABLE, UNAVAILABLE_MESSAGE, {"Retry-After": RETRY_AFTER_S})
 
 
-def error_response(status: int, code: ErrorCode, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, code: ErrorCode, message: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse({"error": {"code": code.value, "message": message}}, status_code=status, headers=headers)
 
 

@@ -114,7 +114,12 @@ def openapi_document(*, shapes: TriggerShapes, settings: Settings) -> dict[str, 
                         "required": False,
                         "description": "Retries with the same key return the same build; reusing a key "
                         "with a different body is a 409.",
-                        "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN, "minLength": 1, "maxLength": 255},
+                        "schema": {
+                            "type": "string",
+                            "pattern": IDEMPOTENCY_KEY_PATTERN,
+                            "minLength": 1,
+                            "maxLength": 255,
+                        },
                     }
                 ],
                 "requestBody": {
@@ -129,8 +134,10 @@ def openapi_document(*, shapes: TriggerShapes, settings: Settings) -> dict[str, 
                     ),
                     "400": _error("`malformed_json` or `invalid_parameter`."),
                     "404": _error("`not_found`: `base` names no build or version of this project."),
-                    "409": _error("`conflict`: the Idempotency-Key was used with a different body; the base has "
-                                  "no files; the project has no version to change yet; too many changes waiting."),
+                    "409": _error(
+                        "`conflict`: the Idempotency-Key was used with a different body; the base has "
+                        "no files; the project has no version to change yet; too many changes waiting."
+                    ),
                     **trigger_errors,
                     "503": _UNAVAILABLE,
                     **common,
@@ -144,7 +151,12 @@ def openapi_document(*, shapes: TriggerShapes, settings: Settings) -> dict[str, 
                         "name": "limit",
                         "in": "query",
                         "required": False,
-                        "schema": {"type": "integer", "minimum": 1, "maximum": PAGE_SIZE_MAX, "default": PAGE_SIZE_DEFAULT},
+                        "schema": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": PAGE_SIZE_MAX,
+                            "default": PAGE_SIZE_DEFAULT,
+                        },
                     },
                     _id_param("cursor", "query", "The `next_cursor` of the previous page."),
                 ],
@@ -204,7 +216,10 @@ def openapi_document(*, shapes: TriggerShapes, settings: Settings) -> dict[str, 
                     },
                 ],
                 "responses": {
-                    "200": {"description": "The event stream.", "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                    "200": {
+                        "description": "The event stream.",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
                     "204": {"description": "The build has ended and the client has its last event: do not reconnect."},
                     "400": _BAD_ID,
                     "404": _NOT_FOUND,
@@ -226,26 +241,52 @@ def openapi_document(*, shapes: TriggerShapes, settings: Settings) -> dict[str, 
                     "sandbox and not stored: 409 when the build is not READY or its app is not running."
                 ),
                 "parameters": [
-                    {"name": "after", "in": "query", "required": False, "description": "Lines with a larger seq.",
-                     "schema": {"type": "integer", "minimum": 0, "default": 0}},
-                    {"name": "limit", "in": "query", "required": False,
-                     "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LOG_PAGE, "default": 1000}},
-                    {"name": "tail", "in": "query", "required": False, "description": "The last N lines.",
-                     "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LOG_PAGE}},
-                    {"name": "stage", "in": "query", "required": False, "description": "Only this stage's lines.",
-                     "schema": {"type": "string", "enum": [s.value for s in Stage]}},
-                    {"name": "q", "in": "query", "required": False,
-                     "description": "Only lines containing this text (case-insensitive).",
-                     "schema": {"type": "string", "minLength": 1, "maxLength": 200}},
+                    {
+                        "name": "after",
+                        "in": "query",
+                        "required": False,
+                        "description": "Lines with a larger seq.",
+                        "schema": {"type": "integer", "minimum": 0, "default": 0},
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LOG_PAGE, "default": 1000},
+                    },
+                    {
+                        "name": "tail",
+                        "in": "query",
+                        "required": False,
+                        "description": "The last N lines.",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LOG_PAGE},
+                    },
+                    {
+                        "name": "stage",
+                        "in": "query",
+                        "required": False,
+                        "description": "Only this stage's lines.",
+                        "schema": {"type": "string", "enum": [s.value for s in Stage]},
+                    },
+                    {
+                        "name": "q",
+                        "in": "query",
+                        "required": False,
+                        "description": "Only lines containing this text (case-insensitive).",
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+                    },
                     {"name": "follow", "in": "query", "required": False, "schema": {"type": "string", "enum": ["app"]}},
                 ],
                 "responses": {
-                    "200": {"description": "A page of lines (`Accept: application/x-ndjson`: one LogEvent per "
-                            "line), or with `follow=app` the event stream.", "content": {
-                        _JSON: {"schema": _ref("LogPage")},
-                        "application/x-ndjson": {"schema": _ref("LogEvent")},
-                        "text/event-stream": {"schema": {"type": "string"}},
-                    }},
+                    "200": {
+                        "description": "A page of lines (`Accept: application/x-ndjson`: one LogEvent per "
+                        "line), or with `follow=app` the event stream.",
+                        "content": {
+                            _JSON: {"schema": _ref("LogPage")},
+                            "application/x-ndjson": {"schema": _ref("LogEvent")},
+                            "text/event-stream": {"schema": {"type": "string"}},
+                        },
+                    },
                     "400": _error("`invalid_parameter`: a malformed parameter, an unknown one, or after with tail."),
                     "404": _NOT_FOUND,
                     "409": _error("`conflict`: `follow=app` on a build whose app is not running."),
@@ -307,17 +348,25 @@ def openapi_document(*, shapes: TriggerShapes, settings: Settings) -> dict[str, 
         "/v1/builds/{build_id}/files/{path}": {
             "parameters": [
                 *build_id,
-                {"name": "path", "in": "path", "required": True, "description": "A file path, as listed.",
-                 "schema": {"type": "string", "minLength": 1, "maxLength": 255}},
+                {
+                    "name": "path",
+                    "in": "path",
+                    "required": True,
+                    "description": "A file path, as listed.",
+                    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                },
             ],
             "get": {
                 "operationId": "getFile",
                 "summary": "One file's content (text/plain for UTF-8 text, application/octet-stream otherwise).",
                 "responses": {
-                    "200": {"description": "The content.", "content": {
-                        "text/plain": {"schema": {"type": "string"}},
-                        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-                    }},
+                    "200": {
+                        "description": "The content.",
+                        "content": {
+                            "text/plain": {"schema": {"type": "string"}},
+                            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                        },
+                    },
                     "400": _error("`invalid_parameter`: a malformed build id or an unsafe path."),
                     "404": _error("`not_found`: no such build, or no such file in it."),
                     "503": _UNAVAILABLE,

@@ -99,11 +99,24 @@ async def run() -> None:
             ["READY / preview answering 200", f"{len(ready)}/{BUILDS} / {answering}/{BUILDS}"],
             ["builds per second", f"{len(ready) / wall:.1f}"],
             ["worker process CPU (user+sys) per build", common.ms((sum(cpu1[:2]) - sum(cpu0[:2])) / BUILDS)],
-            ["worker RSS: before / peak / after", f"{base['worker'] / MIB:.0f} / {peaks['worker'] / MIB:.0f} / {worker_now / MIB:.0f} MiB"],
-            ["sandbox host tree RSS: before / peak / serving", f"{base['host'] / MIB:.0f} / {peaks['host'] / MIB:.0f} / {host_now / MIB:.0f} MiB"],
+            [
+                "worker RSS: before / peak / after",
+                f"{base['worker'] / MIB:.0f} / {peaks['worker'] / MIB:.0f} / {worker_now / MIB:.0f} MiB",
+            ],
+            [
+                "sandbox host tree RSS: before / peak / serving",
+                f"{base['host'] / MIB:.0f} / {peaks['host'] / MIB:.0f} / {host_now / MIB:.0f} MiB",
+            ],
             ["  of which the host process itself", f"{host_proc_rss / MIB:.0f} MiB"],
-            [f"per sandbox (uid-owned processes / {len(ready)})", f"{procs / max(1, len(ready)):.1f} procs, RSS {sb_rss / MIB / max(1, len(ready)):.1f} MiB, PSS {sb_pss / MIB / max(1, len(ready)):.1f} MiB"],
-            ["host tree RSS per sandbox (serving − before) / n", f"{(host_now - base['host']) / MIB / max(1, len(ready)):.1f} MiB"],
+            [
+                f"per sandbox (uid-owned processes / {len(ready)})",
+                f"{procs / max(1, len(ready)):.1f} procs, RSS {sb_rss / MIB / max(1, len(ready)):.1f} MiB, "
+                f"PSS {sb_pss / MIB / max(1, len(ready)):.1f} MiB",
+            ],
+            [
+                "host tree RSS per sandbox (serving − before) / n",
+                f"{(host_now - base['host']) / MIB / max(1, len(ready)):.1f} MiB",
+            ],
             ["kill all sandboxes", f"{common.ms(kill_s)}; left on host: {left}, sandbox processes left: {procs_after}"],
         ],
     )

@@ -14,7 +14,8 @@ Variants:
     with the instant doubles the first probe answers, so only the SSL context costs here);
   * now: genloop as is;
   * now with transitions as ORM units of work (levers.orm_transitions), now with CODE, DEPS and
-    CHECKS recorded by local activities (levers.transitions_as_local_activities), and now with STARTING and SCAFFOLD written apart and ProjectId/BuildVersion upserted on their own
+    CHECKS recorded by local activities (levers.transitions_as_local_activities), and now with
+    STARTING and SCAFFOLD written apart and ProjectId/BuildVersion upserted on their own
     (bench.levers_workflow: a workflow subclass, the patch's old path): each lever off alone;
   * UnsandboxedWorkflowRunner (workflow sandbox off; shown for its size, NOT proposed: the sandbox
     is what catches non-deterministic code);
@@ -44,32 +45,44 @@ VARIANTS = (
     ("now (genloop as is)", {}, contextlib.nullcontext),
     ("now with ORM transitions (before the Core lever)", {}, levers.orm_transitions),
     ("now with CODE/DEPS/CHECKS as local activities (before)", {}, levers.transitions_as_local_activities),
-    ("now with STARTING, SCAFFOLD in two writes, 3 more upserts (before)",
-     {"build_workflow": BuildWorkflowTwoStartWrites}, contextlib.nullcontext),
-    ("now + unsandboxed workflow runner (not proposed)", {"workflow_runner": UnsandboxedWorkflowRunner()},
-     contextlib.nullcontext),
-    ("now, repository in memory (attribution only)", {"activities_cls": levers.MemoryRepoActivities},
-     contextlib.nullcontext),
+    (
+        "now with STARTING, SCAFFOLD in two writes, 3 more upserts (before)",
+        {"build_workflow": BuildWorkflowTwoStartWrites},
+        contextlib.nullcontext,
+    ),
+    (
+        "now + unsandboxed workflow runner (not proposed)",
+        {"workflow_runner": UnsandboxedWorkflowRunner()},
+        contextlib.nullcontext,
+    ),
+    (
+        "now, repository in memory (attribution only)",
+        {"activities_cls": levers.MemoryRepoActivities},
+        contextlib.nullcontext,
+    ),
 )
 BASE = 1  # the "vs now" column divides by this variant
 
 
 async def run() -> None:
     with common.WarningCounter() as warnings:
-        async with common.temp_dir("bench-levers-") as tmp, common.dev_server(tmp) as env, \
-                contextlib.AsyncExitStack() as stack:
+        async with (
+            common.temp_dir("bench-levers-") as tmp,
+            common.dev_server(tmp) as env,
+            contextlib.AsyncExitStack() as stack,
+        ):
             pairs = []
             for i, (_, options, _toggle) in enumerate(VARIANTS):
                 sub = tmp / f"v{i}"
                 sub.mkdir()
                 pairs.append(await stack.enter_async_context(pair_stack(env.client, sub, **options)))
-            for pair, (_, _, toggle) in zip(pairs, VARIANTS):
+            for pair, (_, _, toggle) in zip(pairs, VARIANTS, strict=True):
                 with toggle():
                     await common.run_batch(pair.genloop, WARMUP, WARMUP)
             await common.run_batch(pairs[BASE].raw, WARMUP, WARMUP)
             server = common.dev_server_pid()
             runs = [("raw 6-activity workflow (reference)", pairs[BASE].raw, contextlib.nullcontext)] + [
-                (label, pair.genloop, toggle) for (label, _, toggle), pair in zip(VARIANTS, pairs)
+                (label, pair.genloop, toggle) for (label, _, toggle), pair in zip(VARIANTS, pairs, strict=True)
             ]
             batches = {label: common.Batch() for label, _, _ in runs}
             cpu = {label: common.CpuMeter(server) for label, _, _ in runs}
@@ -83,10 +96,20 @@ async def run() -> None:
     rows = []
     for label, _, _ in runs:
         b, c = batches[label], cpu[label]
-        rows.append([label, f"{b.throughput:.1f}", f"{b.throughput / base.throughput:.2f}x", common.ms(b.p50),
-                     common.ms(c.main_s / n), common.ms(c.process_s / n), common.ms(c.server_s / n)])
+        rows.append(
+            [
+                label,
+                f"{b.throughput:.1f}",
+                f"{b.throughput / base.throughput:.2f}x",
+                common.ms(b.p50),
+                common.ms(c.main_s / n),
+                common.ms(c.process_s / n),
+                common.ms(c.server_s / n),
+            ]
+        )
     common.print_table(
-        f"worker-side levers, before vs now: {n} BuildWorkflow runs per variant at concurrency {CONCURRENCY} (round-robin batches of {BATCH})",
+        f"worker-side levers, before vs now: {n} BuildWorkflow runs per variant at concurrency {CONCURRENCY} "
+        f"(round-robin batches of {BATCH})",
         ["variant", "wf/s", "vs now", "p50", "main thread CPU/wf", "worker CPU/wf", "dev server CPU/wf"],
         rows,
     )

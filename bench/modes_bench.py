@@ -49,10 +49,19 @@ async def run() -> None:
             common.ms(raw1.p50), common.ms(gen1.p50),
         ])
     common.print_table(
-        f"dev server persistence modes: {TOTAL} runs each at concurrency {CONCURRENCY} (alternating batches of {BATCH}); "
+        f"dev server persistence modes: {TOTAL} runs each at concurrency {CONCURRENCY} "
+        f"(alternating batches of {BATCH}); "
         f"single run: p50 of {SINGLE}",
-        ["dev server", "raw wf/s", "raw p50", "genloop wf/s", "genloop p50", "genloop/raw", "raw single p50",
-         "genloop single p50"],
+        [
+            "dev server",
+            "raw wf/s",
+            "raw p50",
+            "genloop wf/s",
+            "genloop p50",
+            "genloop/raw",
+            "raw single p50",
+            "genloop single p50",
+        ],
         rows,
     )
 

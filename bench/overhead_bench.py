@@ -2,10 +2,11 @@
 
     python -m bench overhead
 
-One dev server (file-backed, with the flags `genloop up` runs: settings().temporal.dev_server_args()), one worker in this process with
-genloop's tuning (`build_worker`, settings.worker) registering both workflows, so both run on the
-same server, worker and event loop. BuildWorkflow runs with the real activities, the real SQLite
-repository (migrated, in a temp dir) and TemplateRunner (pure string formatting), against
+One dev server (file-backed, with the flags `genloop up` runs: settings().temporal.dev_server_args()),
+one worker in this process with genloop's tuning (`build_worker`, settings.worker) registering both
+workflows, so both run on the same server, worker and event loop. BuildWorkflow runs with the real
+activities, the real SQLite repository (migrated, in a temp dir) and TemplateRunner (pure string
+formatting), against
 `bench.doubles.InstantSandboxClient` (no sandbox host; start_and_check's health probe answers
 200 at once from an in-process HTTP server). The raw workflow is `bench.raw_workflow.RawWorkflow`.
 
@@ -55,8 +56,13 @@ class Pair:
 
 
 @contextlib.asynccontextmanager
-async def pair_stack(client: Client, tmp: Path, activities_cls: type[BuildActivities] = BuildActivities,
-                     build_workflow: type = BuildWorkflow, **worker_overrides) -> AsyncIterator[Pair]:
+async def pair_stack(
+    client: Client,
+    tmp: Path,
+    activities_cls: type[BuildActivities] = BuildActivities,
+    build_workflow: type = BuildWorkflow,
+    **worker_overrides,
+) -> AsyncIterator[Pair]:
     async with common.sqlite_repo(tmp) as repo, AlwaysOkServer() as ok:
         config = SandboxConfig(api_key="bench", api_url="http://127.0.0.1:9", template="base", timeout_s=3600)
         acts = activities_cls(repo, InstantSandboxClient(config, ok.port), {"template": TemplateRunner()})
@@ -69,7 +75,10 @@ async def pair_stack(client: Client, tmp: Path, activities_cls: type[BuildActivi
         async def raw() -> None:
             name = f"raw-{uuid.uuid4().hex[:12]}"
             last_ids["raw"] = name
-            assert await client.execute_workflow(RAW_WORKFLOW_NAME, name, id=name, task_queue=task_queue, result_type=str) == name
+            assert (
+                await client.execute_workflow(RAW_WORKFLOW_NAME, name, id=name, task_queue=task_queue, result_type=str)
+                == name
+            )
 
         async def genloop() -> None:
             build_id = f"b-{uuid.uuid4().hex[:12]}"
@@ -84,8 +93,9 @@ async def pair_stack(client: Client, tmp: Path, activities_cls: type[BuildActivi
             yield Pair(raw, genloop, last_ids)
 
 
-async def throughput(pair: Pair, total: int, batch: int, concurrency: int,
-                     cpu: dict[str, common.CpuMeter] | None = None) -> tuple[common.Batch, common.Batch, list[str]]:
+async def throughput(
+    pair: Pair, total: int, batch: int, concurrency: int, cpu: dict[str, common.CpuMeter] | None = None
+) -> tuple[common.Batch, common.Batch, list[str]]:
     """Alternating batches A B B A A B ... until each kind ran `total`."""
     results = {"raw": common.Batch(), "genloop": common.Batch()}
     notes: list[str] = []
@@ -135,14 +145,22 @@ async def _measure(warnings: common.WarningCounter) -> None:
             slow_at[HIGH_CONCURRENCY] = warnings.slow_tasks - slow_at[CONCURRENCY]
             sizes = {kind: await history_size(env.client, wid) for kind, wid in pair.last_ids.items()}
 
-    print(f"\norchestration overhead — dev server {common.stack_equivalent() or 'as the stack runs'}, worker: {common.worker_tuning()}")
+    print(
+        f"\norchestration overhead — dev server {common.stack_equivalent() or 'as the stack runs'}, "
+        f"worker: {common.worker_tuning()}"
+    )
     common.print_table(
         f"throughput: {TOTAL} runs each, concurrency {CONCURRENCY}, alternating batches of {BATCH}",
         ["workflow", "workflows/s", "p50", "p95"],
         [
             ["raw (6 no-op activities)", f"{raw.throughput:.1f}", common.ms(raw.p50), common.ms(raw.p95)],
             ["BuildWorkflow (doubles)", f"{gen.throughput:.1f}", common.ms(gen.p50), common.ms(gen.p95)],
-            ["genloop / raw", f"{gen.throughput / raw.throughput:.2f}x", f"{gen.p50 / raw.p50:.2f}x", f"{gen.p95 / raw.p95:.2f}x"],
+            [
+                "genloop / raw",
+                f"{gen.throughput / raw.throughput:.2f}x",
+                f"{gen.p50 / raw.p50:.2f}x",
+                f"{gen.p95 / raw.p95:.2f}x",
+            ],
         ],
     )
     print("batches: " + ", ".join(notes))
@@ -150,12 +168,19 @@ async def _measure(warnings: common.WarningCounter) -> None:
         f"throughput at concurrency {HIGH_CONCURRENCY}: {TOTAL} runs each, alternating batches of {BATCH}",
         ["workflow", "workflows/s", "p50", "p95"],
         [
-            ["raw (6 no-op activities)", f"{raw_high.throughput:.1f}", common.ms(raw_high.p50),
-             common.ms(raw_high.p95)],
-            ["BuildWorkflow (doubles)", f"{gen_high.throughput:.1f}", common.ms(gen_high.p50),
-             common.ms(gen_high.p95)],
-            ["genloop / raw", f"{gen_high.throughput / raw_high.throughput:.2f}x",
-             f"{gen_high.p50 / raw_high.p50:.2f}x", f"{gen_high.p95 / raw_high.p95:.2f}x"],
+            [
+                "raw (6 no-op activities)",
+                f"{raw_high.throughput:.1f}",
+                common.ms(raw_high.p50),
+                common.ms(raw_high.p95),
+            ],
+            ["BuildWorkflow (doubles)", f"{gen_high.throughput:.1f}", common.ms(gen_high.p50), common.ms(gen_high.p95)],
+            [
+                "genloop / raw",
+                f"{gen_high.throughput / raw_high.throughput:.2f}x",
+                f"{gen_high.p50 / raw_high.p50:.2f}x",
+                f"{gen_high.p95 / raw_high.p95:.2f}x",
+            ],
         ],
     )
     print(", ".join(f"{n} {common.SLOW_TASK} at concurrency {c}" for c, n in slow_at.items()))
@@ -165,10 +190,22 @@ async def _measure(warnings: common.WarningCounter) -> None:
         "what one workflow costs (CPU per workflow during the throughput batches; history of one run)",
         ["workflow", "worker main thread", "worker process", "dev server", "history events", "history JSON"],
         [
-            ["raw (6 no-op activities)", per("raw", "main_s"), per("raw", "process_s"), per("raw", "server_s"),
-             sizes["raw"][0], f"{sizes['raw'][1] / 1024:.1f} KiB"],
-            ["BuildWorkflow (doubles)", per("genloop", "main_s"), per("genloop", "process_s"), per("genloop", "server_s"),
-             sizes["genloop"][0], f"{sizes['genloop'][1] / 1024:.1f} KiB"],
+            [
+                "raw (6 no-op activities)",
+                per("raw", "main_s"),
+                per("raw", "process_s"),
+                per("raw", "server_s"),
+                sizes["raw"][0],
+                f"{sizes['raw'][1] / 1024:.1f} KiB",
+            ],
+            [
+                "BuildWorkflow (doubles)",
+                per("genloop", "main_s"),
+                per("genloop", "process_s"),
+                per("genloop", "server_s"),
+                sizes["genloop"][0],
+                f"{sizes['genloop'][1] / 1024:.1f} KiB",
+            ],
         ],
     )
     common.print_table(

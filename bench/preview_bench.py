@@ -60,12 +60,17 @@ async def one_build(stack: RealStack, http) -> tuple[float, dict[str, float]]:
     return total, parts
 
 
-async def measure(builds: int, toggles: dict[str, Callable[[], ContextManager[None]]], dev_server_mode: str = common.STACK_MODE,
-                  ) -> dict[str, tuple[list[float], dict[str, list[float]]]]:
+async def measure(
+    builds: int,
+    toggles: dict[str, Callable[[], ContextManager[None]]],
+    dev_server_mode: str = common.STACK_MODE,
+) -> dict[str, tuple[list[float], dict[str, list[float]]]]:
     """`builds` builds per toggle on one stack, the toggles taking turns build by build."""
     out = {name: ([], {label: [] for label, _, _ in SEGMENTS}) for name in toggles}
-    async with real_stack("bench-preview-", dev_server_mode=dev_server_mode) as stack, \
-            preview_client(timeout=10) as http:
+    async with (
+        real_stack("bench-preview-", dev_server_mode=dev_server_mode) as stack,
+        preview_client(timeout=10) as http,
+    ):
         for i in range(WARMUP + builds):
             for name, toggle in toggles.items():
                 with toggle():
@@ -80,10 +85,18 @@ async def measure(builds: int, toggles: dict[str, Callable[[], ContextManager[No
 
 
 def report(title: str, totals: list[float], parts: dict[str, list[float]]) -> None:
-    rows = [[label, common.ms(common.percentile(v, 0.5)), common.ms(common.percentile(v, 0.95)),
-             common.ms(sum(v) / len(v))] for label, v in parts.items()]
-    rows.append(["total: start_workflow → preview 200", common.ms(common.percentile(totals, 0.5)),
-                 common.ms(common.percentile(totals, 0.95)), common.ms(sum(totals) / len(totals))])
+    rows = [
+        [label, common.ms(common.percentile(v, 0.5)), common.ms(common.percentile(v, 0.95)), common.ms(sum(v) / len(v))]
+        for label, v in parts.items()
+    ]
+    rows.append(
+        [
+            "total: start_workflow → preview 200",
+            common.ms(common.percentile(totals, 0.5)),
+            common.ms(common.percentile(totals, 0.95)),
+            common.ms(sum(totals) / len(totals)),
+        ]
+    )
     common.print_table(title, ["segment", "p50", "p95", "mean"], rows)
 
 
@@ -91,19 +104,27 @@ async def run() -> None:
     now = await measure(BUILDS, {"now": contextlib.nullcontext, "worker levers off": levers.worker_levers_off})
     before = await measure(BUILDS, {"before": levers.worker_levers_off}, dev_server_mode="file+wal")
     totals, parts = now["now"]
-    report(f"time to preview: {BUILDS} sequential template builds (real sandbox host, SQLite, the stack's dev server)",
-           totals, parts)
+    report(
+        f"time to preview: {BUILDS} sequential template builds (real sandbox host, SQLite, the stack's dev server)",
+        totals,
+        parts,
+    )
     p50 = common.percentile(totals, 0.5)
     print(f"target p50 ≤ 1000 ms: {'met' if p50 <= 1.0 else 'MISSED'} ({p50 * 1000:.0f} ms)")
     variants = (
-        ("before: dev server without transferProcessorMaxPollRPS, SSL context per client, 200 ms poll", before["before"]),
+        (
+            "before: dev server without transferProcessorMaxPollRPS, SSL context per client, 200 ms poll",
+            before["before"],
+        ),
         ("stack's dev server, worker levers off (interleaved with now)", now["worker levers off"]),
         ("now (genloop as is)", now["now"]),
     )
     rows = []
     for label, (totals, parts) in variants:
         p50 = [common.ms(common.percentile(parts[SEGMENTS[i][0]], 0.5)) for i in (4, 5)]
-        rows.append([label, common.ms(common.percentile(totals, 0.5)), common.ms(common.percentile(totals, 0.95)), *p50])
+        rows.append(
+            [label, common.ms(common.percentile(totals, 0.5)), common.ms(common.percentile(totals, 0.95)), *p50]
+        )
     common.print_table(
         f"time to preview, before vs now ({BUILDS} builds each)",
         ["variant", "total p50", "total p95", "DEPS → CHECKS p50", "CHECKS → READY p50"],

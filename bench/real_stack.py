@@ -1,7 +1,7 @@
 """The real stack for the time-to-preview and concurrency benchmarks, all started here and torn down
-afterwards: a file-backed dev server (the stack's flags, or a common.MODES entry), a sandbox host subprocess, a migrated SQLite
-database, and a worker in this process running the real BuildActivities (TemplateRunner, the e2b
-SDK's SandboxClient against the host)."""
+afterwards: a file-backed dev server (the stack's flags, or a common.MODES entry), a sandbox host
+subprocess, a migrated SQLite database, and a worker in this process running the real
+BuildActivities (TemplateRunner, the e2b SDK's SandboxClient against the host)."""
 
 from __future__ import annotations
 
@@ -53,23 +53,36 @@ class RealStack:
     async def transitions(self, build_id: str) -> list[tuple[str, datetime]]:
         """Every stage entered, in order (a fix attempt enters CODE, DEPS and CHECKS again)."""
         return [
-            (t.stage.value if hasattr(t.stage, "value") else str(t.stage), t.at if t.at.tzinfo else t.at.replace(tzinfo=UTC))
+            (
+                t.stage.value if hasattr(t.stage, "value") else str(t.stage),
+                t.at if t.at.tzinfo else t.at.replace(tzinfo=UTC),
+            )
             for t in await self.repo.list_transitions(build_id)
         ]
 
 
 @contextlib.asynccontextmanager
-async def real_stack(prefix: str, *, max_sandboxes: int = 50, activities_cls: type = BuildActivities,
-                     dev_server_mode: str = common.STACK_MODE, runners: dict[str, Any] | None = None,
-                     fix_attempts: int = 0, **worker_overrides: Any) -> AsyncIterator[RealStack]:
+async def real_stack(
+    prefix: str,
+    *,
+    max_sandboxes: int = 50,
+    activities_cls: type = BuildActivities,
+    dev_server_mode: str = common.STACK_MODE,
+    runners: dict[str, Any] | None = None,
+    fix_attempts: int = 0,
+    **worker_overrides: Any,
+) -> AsyncIterator[RealStack]:
     async with common.temp_dir(prefix) as tmp:
-        async with common.dev_server(tmp, dev_server_mode) as env, \
-                running_host(tmp, max_sandboxes=max_sandboxes, default_timeout_s=600) as host, \
-                common.sqlite_repo(tmp) as repo:
+        async with (
+            common.dev_server(tmp, dev_server_mode) as env,
+            running_host(tmp, max_sandboxes=max_sandboxes, default_timeout_s=600) as host,
+            common.sqlite_repo(tmp) as repo,
+        ):
             config = SandboxConfig(api_key=host.api_key, api_url=host.url, template="base", timeout_s=600)
             sandboxes = SandboxClient(config)
-            acts = activities_cls(repo, sandboxes, {"template": TemplateRunner(), **(runners or {})},
-                                  fix_attempts=fix_attempts)
+            acts = activities_cls(
+                repo, sandboxes, {"template": TemplateRunner(), **(runners or {})}, fix_attempts=fix_attempts
+            )
             worker, task_queue = common.worker(env.client, [BuildWorkflow], acts.all(), **worker_overrides)
             try:
                 async with worker:

@@ -82,8 +82,11 @@ class Job(SQLModel, table=True):
     llm_calls: int = Field(default=0, sa_type=Integer, sa_column_kwargs={"server_default": "0"})
     llm_model: str | None = Field(default=None, sa_type=String(100))
     # --- previews that never die (0005) ---
-    sandbox_preview_url: str | None = Field(default=None, sa_type=Text)  # the sandbox's own URL (preview_url: the stable one)
-    preview_label: str | None = Field(default=None, sa_type=String(63), unique=True, index=True)  # host label of preview_url
+    # The sandbox's own URL (preview_url is the version's stable one).
+    sandbox_preview_url: str | None = Field(default=None, sa_type=Text)
+    preview_label: str | None = Field(
+        default=None, sa_type=String(63), unique=True, index=True
+    )  # host label of preview_url
     preview_state: str | None = Field(default=None, sa_type=String(20))  # live | paused | waking | removed | failed
     preview_woken_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     sandbox_host: str | None = Field(default=None, sa_type=String(255))  # which sandbox host has the sandbox

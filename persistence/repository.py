@@ -230,7 +230,8 @@ class JobRepository:
             job = await self._locked_job(session, build_id)
             if job.project_id != project_id:
                 raise GenloopError(
-                    ErrorKind.INVALID_INPUT, f"build {build_id} belongs to project {job.project_id!r}, not {project_id!r}"
+                    ErrorKind.INVALID_INPUT,
+                    f"build {build_id} belongs to project {job.project_id!r}, not {project_id!r}",
                 )
             return await self._ensure_build_version(session, job)
 
@@ -327,13 +328,13 @@ class JobRepository:
         one transaction; returns (path, digest, size) in order. Idempotent like its two halves."""
         listed = [(path, hashlib.sha256(content).hexdigest(), len(content)) for path, content in files]
         async with self._write() as session:
-            await self._insert_blobs(session, {digest: content for (_, digest, _), (_, content) in zip(listed, files, strict=True)})
+            await self._insert_blobs(
+                session, {digest: content for (_, digest, _), (_, content) in zip(listed, files, strict=True)}
+            )
             await self._replace_files(session, build_id, listed)
         return listed
 
-    async def _replace_files(
-        self, session: AsyncSession, build_id: str, files: Sequence[tuple[str, str, int]]
-    ) -> None:
+    async def _replace_files(self, session: AsyncSession, build_id: str, files: Sequence[tuple[str, str, int]]) -> None:
         await self._locked_job(session, build_id)
         await session.execute(delete(BuildFile).where(BuildFile.build_id == build_id))
         if files:
@@ -365,12 +366,7 @@ class JobRepository:
     async def project_builds(self, project_id: str, *, limit: int = MAX_PAGE_SIZE) -> list[Job]:
         """The project's builds in the order they were requested (oldest first)."""
         async with self._read() as session:
-            query = (
-                select(Job)
-                .where(Job.project_id == project_id)
-                .order_by(Job.created_at, Job.id)
-                .limit(limit)
-            )
+            query = select(Job).where(Job.project_id == project_id).order_by(Job.created_at, Job.id).limit(limit)
             return list((await session.execute(query)).scalars())
 
     # --- previews: a version's stable URL and its sandbox's life ------------------------------------
@@ -432,8 +428,16 @@ class JobRepository:
             return list((await session.execute(query)).scalars())
 
     async def record_attempt(
-        self, build_id: str, *, attempt: int, stage: str, command: str, exit_code: int | None, output: str,
-        max_attempts: int, at: datetime | None = None,
+        self,
+        build_id: str,
+        *,
+        attempt: int,
+        stage: str,
+        command: str,
+        exit_code: int | None,
+        output: str,
+        max_attempts: int,
+        at: datetime | None = None,
     ) -> None:
         """Record why attempt `attempt` failed and that the build is now on attempt + 1. Re-recording
         the same attempt (a retried activity) changes nothing."""
@@ -441,8 +445,15 @@ class JobRepository:
             job = await self._locked_job(session, build_id)
             await session.execute(
                 self._insert(BuildAttempt)
-                .values(build_id=build_id, attempt=attempt, stage=stage, command=command, exit_code=exit_code,
-                        output=output, at=at or utcnow())
+                .values(
+                    build_id=build_id,
+                    attempt=attempt,
+                    stage=stage,
+                    command=command,
+                    exit_code=exit_code,
+                    output=output,
+                    at=at or utcnow(),
+                )
                 .on_conflict_do_nothing(index_elements=["build_id", "attempt"])
             )
             job.attempt = max(job.attempt, attempt + 1)  # the attempt now running
@@ -485,11 +496,13 @@ class JobRepository:
             job = await self._locked_job(session, build_id)
             sources = sorted({line.source for line in lines})
             stored_upto = dict(
-                (await session.execute(
-                    select(BuildLog.source, func.max(BuildLog.line_no))
-                    .where(BuildLog.build_id == build_id, BuildLog.source.in_(sources))
-                    .group_by(BuildLog.source)
-                )).all()
+                (
+                    await session.execute(
+                        select(BuildLog.source, func.max(BuildLog.line_no))
+                        .where(BuildLog.build_id == build_id, BuildLog.source.in_(sources))
+                        .group_by(BuildLog.source)
+                    )
+                ).all()
             )
             rows: list[dict[str, Any]] = []
             # Counted in locals and written back once: an ORM attribute set per line cost more
@@ -503,14 +516,26 @@ class JobRepository:
                     continue
                 size = len(line.text.encode())
                 if used + size > cap_bytes:
-                    text = (f"[genloop] log truncated: the build reached its {cap_bytes}-byte log cap; "
-                            "later output dropped")
+                    text = (
+                        f"[genloop] log truncated: the build reached its {cap_bytes}-byte log cap; later output dropped"
+                    )
                     line = LogLine(line.stage, line.attempt, "system", TRUNCATED_SOURCE, 0, text, line.at)
                     size, truncated = cap_bytes - used + len(text.encode()), True
                 seq += 1
                 used += size
-                rows.append(dict(build_id=build_id, seq=seq, at=line.at, stage=line.stage, attempt=line.attempt,
-                                 stream=line.stream, source=line.source, line_no=line.line_no, text=line.text))
+                rows.append(
+                    dict(
+                        build_id=build_id,
+                        seq=seq,
+                        at=line.at,
+                        stage=line.stage,
+                        attempt=line.attempt,
+                        stream=line.stream,
+                        source=line.source,
+                        line_no=line.line_no,
+                        text=line.text,
+                    )
+                )
             if rows:
                 job.log_seq, job.log_bytes = seq, used
                 # Core executemany on the table: one cached statement for any batch size (a VALUES
@@ -519,7 +544,13 @@ class JobRepository:
             return AppendResult(len(rows), truncated)
 
     async def list_logs(
-        self, build_id: str, *, after: int = 0, limit: int = 1000, stage: str | None = None, tail: int | None = None,
+        self,
+        build_id: str,
+        *,
+        after: int = 0,
+        limit: int = 1000,
+        stage: str | None = None,
+        tail: int | None = None,
         contains: str | None = None,
     ) -> list[BuildLog]:
         """The build's lines with seq > `after`, oldest first; with `tail`, the last `tail` of them;
@@ -550,8 +581,10 @@ class JobRepository:
         async with self._read() as session:
             for build_id, after in cursors.items():
                 query = (
-                    select(BuildLog).where(BuildLog.build_id == build_id, BuildLog.seq > after)
-                    .order_by(BuildLog.seq).limit(limit)
+                    select(BuildLog)
+                    .where(BuildLog.build_id == build_id, BuildLog.seq > after)
+                    .order_by(BuildLog.seq)
+                    .limit(limit)
                 )
                 found[build_id] = list((await session.execute(query)).scalars())
         return found
@@ -656,7 +689,9 @@ class JobRepository:
         job.status_message = text
         job.updated_at = utcnow()
         session.add(
-            JobTransition(build_id=job.id, seq=(last_seq or 0) + 1, stage=stage.value, message=text, at=at or job.updated_at)
+            JobTransition(
+                build_id=job.id, seq=(last_seq or 0) + 1, stage=stage.value, message=text, at=at or job.updated_at
+            )
         )
 
     # --- API: health and the event feed --------------------------------------------------------

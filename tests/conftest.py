@@ -22,7 +22,9 @@ pytest_plugins = ["tests.helpers.stack_fixtures"]
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgres"])
-async def db_factory(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[DatabaseFactory]:
+async def db_factory(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[DatabaseFactory]:
     """Creates empty databases of one backend (for tests that need one to themselves)."""
     if request.param == "postgres":
         async with postgres_databases() as factory:

@@ -69,8 +69,17 @@ ONE_START_WRITE_PATCH = "one-start-write"
 HOST_SCHEDULE_TO_START = timedelta(seconds=5)
 # Stages whose transition the stage's first activity records (ScaffoldState.transitions_in_activities).
 DEFERRED_STAGES = frozenset({Stage.CODE, Stage.DEPS, Stage.CHECKS})
-HOST_ROUTED = frozenset({"install_dependencies", "start_and_check", "sync_sandbox_files", "kill_build_sandboxes",
-                         "pause_sandbox", "resume_sandbox", "stop_serving"})  # builds that repair their own failing code (histories before it replay without)
+HOST_ROUTED = frozenset(
+    {
+        "install_dependencies",
+        "start_and_check",
+        "sync_sandbox_files",
+        "kill_build_sandboxes",
+        "pause_sandbox",
+        "resume_sandbox",
+        "stop_serving",
+    }
+)
 # What the fix loop repairs: the app's own failures. Infrastructure errors retry instead.
 FIXABLE_KINDS = frozenset({ErrorKind.APP_CHECK_FAILED.value, ErrorKind.DEPENDENCY_INSTALL_FAILED.value})
 
@@ -102,10 +111,16 @@ ACTIVITY_OPTIONS: dict[str, dict] = {
         start_to_close_timeout=timedelta(minutes=3), heartbeat_timeout=_HOST_HEARTBEAT, retry_policy=_retry(6), **_LONG
     ),
     "generate_code": dict(
-        start_to_close_timeout=timedelta(minutes=10), heartbeat_timeout=timedelta(seconds=20), retry_policy=_retry(6), **_LONG
+        start_to_close_timeout=timedelta(minutes=10),
+        heartbeat_timeout=timedelta(seconds=20),
+        retry_policy=_retry(6),
+        **_LONG,
     ),
     "provision_sandbox": dict(
-        start_to_close_timeout=timedelta(minutes=3), heartbeat_timeout=timedelta(seconds=20), retry_policy=_retry(6), **_LONG
+        start_to_close_timeout=timedelta(minutes=3),
+        heartbeat_timeout=timedelta(seconds=20),
+        retry_policy=_retry(6),
+        **_LONG,
     ),
     "install_dependencies": dict(
         start_to_close_timeout=timedelta(minutes=20), heartbeat_timeout=_HOST_HEARTBEAT, retry_policy=_retry(4), **_LONG
@@ -113,7 +128,9 @@ ACTIVITY_OPTIONS: dict[str, dict] = {
     "start_and_check": dict(
         start_to_close_timeout=timedelta(minutes=3), heartbeat_timeout=_HOST_HEARTBEAT, retry_policy=_retry(4), **_LONG
     ),
-    "kill_build_sandboxes": dict(start_to_close_timeout=timedelta(seconds=60), retry_policy=_retry(6, max_interval_s=10)),
+    "kill_build_sandboxes": dict(
+        start_to_close_timeout=timedelta(seconds=60), retry_policy=_retry(6, max_interval_s=10)
+    ),
     # The preview workflow's (workflows/preview.py)
     "version_files": dict(start_to_close_timeout=timedelta(minutes=1), retry_policy=_retry(6)),
     "pause_sandbox": dict(start_to_close_timeout=timedelta(minutes=2), retry_policy=_retry(6)),
@@ -211,8 +228,11 @@ class BuildWorkflow:
             prepared: PreparedChange = await self._activity(
                 "prepare_change",
                 PrepareChangeInput(
-                    build_id=req.build_id, project_id=req.project_id, base_build_id=req.base_build_id,
-                    edits=req.edits, note=req.note,
+                    build_id=req.build_id,
+                    project_id=req.project_id,
+                    base_build_id=req.base_build_id,
+                    edits=req.edits,
+                    note=req.note,
                 ),
                 PreparedChange,
             )
@@ -224,7 +244,9 @@ class BuildWorkflow:
             else:
                 code = prepared.code
                 what = "restored" if not req.edits else "edited"
-                self._status.message = f"{len(code.files)} files {what} from {prepared.base_version or prepared.base_build_id}"
+                self._status.message = (
+                    f"{len(code.files)} files {what} from {prepared.base_version or prepared.base_build_id}"
+                )
         else:
             state = await self._activity(
                 "create_initial_state",
@@ -272,9 +294,13 @@ class BuildWorkflow:
             await workflow.start_child_workflow(
                 PREVIEW_WORKFLOW_NAME,
                 PreviewInput(
-                    build_id=req.build_id, project_id=req.project_id, policy=finished.preview,
-                    sandbox_id=info.sandbox_id, sandbox_preview_url=checks.preview_url,
-                    ready_at=workflow.now().isoformat(), task_queue=self._host_queue,
+                    build_id=req.build_id,
+                    project_id=req.project_id,
+                    policy=finished.preview,
+                    sandbox_id=info.sandbox_id,
+                    sandbox_preview_url=checks.preview_url,
+                    ready_at=workflow.now().isoformat(),
+                    task_queue=self._host_queue,
                 ),
                 id=preview_workflow_id(req.build_id),
                 parent_close_policy=ParentClosePolicy.ABANDON,
@@ -291,7 +317,12 @@ class BuildWorkflow:
         )
 
     async def _code(
-        self, state: ScaffoldState, kind: str, current: CodeResult | None, *, change: str = "",
+        self,
+        state: ScaffoldState,
+        kind: str,
+        current: CodeResult | None,
+        *,
+        change: str = "",
         failure: FailureInfo | None = None,
     ) -> CodeResult:
         code: CodeResult = await self._activity(
@@ -339,8 +370,11 @@ class BuildWorkflow:
                     synced: SyncFilesResult = await self._activity(
                         "sync_sandbox_files",
                         SyncFilesInput(
-                            build_id=req.build_id, sandbox_id=info.sandbox_id, workspace_path=WORKSPACE_PATH,
-                            old_files=synced_from, new_files=code.files,
+                            build_id=req.build_id,
+                            sandbox_id=info.sandbox_id,
+                            workspace_path=WORKSPACE_PATH,
+                            old_files=synced_from,
+                            new_files=code.files,
                         ),
                         SyncFilesResult,
                     )
@@ -356,8 +390,11 @@ class BuildWorkflow:
             except ActivityError as err:
                 if host_lost(err) and workflow.patched(HOST_FAILOVER_PATCH):
                     # Its host and worker are gone: a new sandbox elsewhere, from the stored files.
-                    workflow.logger.warning("build %s: sandbox host %s lost; moving to another host",
-                                            req.build_id, info.host if info else "?")
+                    workflow.logger.warning(
+                        "build %s: sandbox host %s lost; moving to another host",
+                        req.build_id,
+                        info.host if info else "?",
+                    )
                     info, installed, synced_from, self._host_queue = None, False, None, ""
                     sandbox_input.sandbox_id, sandbox_input.serve = None, sandbox_input.serve + 1
                     self._status.message = "The sandbox host was lost: moving to another one"
@@ -408,14 +445,19 @@ class BuildWorkflow:
         await workflow.execute_local_activity(
             "record_attempt",
             AttemptInput(
-                build_id=self._req.build_id, attempt=failed_attempt, max_attempts=self._status.max_attempts,
-                failure=failure, at=workflow.now().isoformat(),
+                build_id=self._req.build_id,
+                attempt=failed_attempt,
+                max_attempts=self._status.max_attempts,
+                failure=failure,
+                at=workflow.now().isoformat(),
             ),
             summary=f"Record attempt {failed_attempt}",
             **DB_WRITE,
         )
         self._status.attempt = failed_attempt + 1
-        await self._enter(Stage.CODE, message=f"Fixing the app (attempt {self._status.attempt} of {self._status.max_attempts})")
+        await self._enter(
+            Stage.CODE, message=f"Fixing the app (attempt {self._status.attempt} of {self._status.max_attempts})"
+        )
         fixed = await self._code(state, "fix", code, failure=failure)
         return fixed if fixed.changed else None
 
@@ -425,7 +467,11 @@ class BuildWorkflow:
             arg.entered, self._deferred = carried, []  # type: ignore[attr-defined]
         try:
             return await workflow.execute_activity(
-                name, arg, result_type=result_type, summary=self._stage.label, **activity_options(name, self._host_queue)
+                name,
+                arg,
+                result_type=result_type,
+                summary=self._stage.label,
+                **activity_options(name, self._host_queue),
             )
         except (ActivityError, asyncio.CancelledError):
             if carried:  # recorded or not: the next write records them again (a no-op when they are)
@@ -483,7 +529,10 @@ class BuildWorkflow:
     async def _record(self, stage: Stage, message: str, **fields) -> None:
         await self._flush_deferred()
         await workflow.execute_local_activity(
-            "record_transition", self._transition(stage, message, **fields), summary=f"Record {stage.value}", **DB_WRITE,
+            "record_transition",
+            self._transition(stage, message, **fields),
+            summary=f"Record {stage.value}",
+            **DB_WRITE,
         )
         self._set_stage(stage, message)
 
@@ -510,7 +559,9 @@ class BuildWorkflow:
                 updates.append(PROJECT_ID.value_set(self._req.project_id))
                 self._project_attribute_pending = False
             workflow.upsert_search_attributes(updates)
-        attempt = f" (attempt {self._status.attempt} of {self._status.max_attempts})" if self._status.attempt > 1 else ""
+        attempt = (
+            f" (attempt {self._status.attempt} of {self._status.max_attempts})" if self._status.attempt > 1 else ""
+        )
         details = f"**{stage.label}**{attempt} {message if message != stage.label else ''}".strip()
         if self._status.sandbox_id:  # where it runs, for the Web UI's details
             host = f" on host `{self._status.sandbox_host}`" if self._status.sandbox_host else ""
@@ -524,7 +575,9 @@ class BuildWorkflow:
             return  # no sandbox is created before DEPS
         try:
             await self._activity(
-                "kill_build_sandboxes", KillSandboxInput(build_id=self._req.build_id, sandbox_id=self._status.sandbox_id), int
+                "kill_build_sandboxes",
+                KillSandboxInput(build_id=self._req.build_id, sandbox_id=self._status.sandbox_id),
+                int,
             )
         except ActivityError as err:
             # The orphan sweep (metadata) catches what this could not kill; the ending still records.
@@ -555,7 +608,11 @@ class BuildWorkflow:
         info = workflow.info()
         workflow.logger.error(
             "build %s failed (debug_id=%s, workflow_id=%s, run_id=%s): %s",
-            self._req.build_id, debug_id, info.workflow_id, info.run_id, detail,
+            self._req.build_id,
+            debug_id,
+            info.workflow_id,
+            info.run_id,
+            detail,
         )
         self._status.debug_id = debug_id
         self._status.error_message = friendly

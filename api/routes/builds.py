@@ -162,19 +162,30 @@ async def _submit_change(svc: Services, project_id: str, build_id: str, key: str
         known = {f.path for f in await svc.repo.get_files(base.id)}
         missing = sorted(p for p, e in zip(paths, edits_in, strict=True) if e.delete and p not in known)
         if missing:
-            raise ApiError(422, ErrorCode.VALIDATION_FAILED, f"edits: cannot delete {missing[0]!r}: not a file of {base.id}")
+            raise ApiError(
+                422, ErrorCode.VALIDATION_FAILED, f"edits: cannot delete {missing[0]!r}: not a file of {base.id}"
+            )
     # Edit contents go to the blob store now; the workflow's history carries their digests only.
     written = [(p, e.content.encode()) for p, e in zip(paths, edits_in, strict=True) if not e.delete]
     digests = dict(zip([p for p, _ in written], await svc.repo.put_blobs([c for _, c in written]), strict=True))
     edits = [FileEdit(path=p, digest=digests.get(p), delete=e.delete) for p, e in zip(paths, edits_in, strict=True)]
     explicit_base = base.id if body.base is not None and base is not None else None
-    request_digest = digest({
-        "change": change, "base": body.base, "runner": runner,
-        "edits": [[e.path, e.digest, e.delete] for e in edits],
-    })
+    request_digest = digest(
+        {
+            "change": change,
+            "base": body.base,
+            "runner": runner,
+            "edits": [[e.path, e.digest, e.delete] for e in edits],
+        }
+    )
     job = await _create_row(
-        svc, build_id, request_digest,
-        project_id=project_id, goal=base.goal if base is not None else "", kind="change", runner=runner,
+        svc,
+        build_id,
+        request_digest,
+        project_id=project_id,
+        goal=base.goal if base is not None else "",
+        kind="change",
+        runner=runner,
         stack=base.stack if base is not None else "python",
         base_build_id=base.id if base is not None else None,
         base_version=base.build_version if base is not None else None,
@@ -183,8 +194,13 @@ async def _submit_change(svc: Services, project_id: str, build_id: str, key: str
     )
     what = change or (f"edit {len(edits)} files" if edits else f"restore {body.base}")
     request = ChangeRequest(
-        build_id=build_id, runner=runner, change=change or "", edits=edits, base_build_id=explicit_base,
-        stack=job.stack, summary=clip(f"{project_id} · change · {what}", SUMMARY_BUDGET),
+        build_id=build_id,
+        runner=runner,
+        change=change or "",
+        edits=edits,
+        base_build_id=explicit_base,
+        stack=job.stack,
+        summary=clip(f"{project_id} · change · {what}", SUMMARY_BUDGET),
     )
     try:
         client = await svc.temporal.client()
@@ -198,8 +214,12 @@ async def _submit_change(svc: Services, project_id: str, build_id: str, key: str
             static_summary=clip(f"{project_id} · the project's line of changes", SUMMARY_BUDGET),
         )
         await client.execute_update_with_start_workflow(
-            ProjectWorkflow.submit, request, start_workflow_operation=start, id=build_id,
-            result_type=SubmitResult, rpc_timeout=TEMPORAL_RPC_TIMEOUT,
+            ProjectWorkflow.submit,
+            request,
+            start_workflow_operation=start,
+            id=build_id,
+            result_type=SubmitResult,
+            rpc_timeout=TEMPORAL_RPC_TIMEOUT,
         )
     except WorkflowUpdateFailedError as exc:  # the validator refused it: nothing was recorded there
         await _abandon_unless_keyed(svc, build_id, None, exc)
@@ -233,11 +253,15 @@ async def _base(svc: Services, project_id: str, ref: str | None) -> Job | None:
         if base is None:
             raise ApiError(404, ErrorCode.NOT_FOUND, f"base {ref} is not a build or version of project {project_id}")
         if not await svc.repo.get_files(base.id):
-            raise ApiError(409, ErrorCode.CONFLICT, f"base {ref} has no files ({base.stage.value} before CODE finished)")
+            raise ApiError(
+                409, ErrorCode.CONFLICT, f"base {ref} has no files ({base.stage.value} before CODE finished)"
+            )
         return base
     base = await svc.repo.newest_ready(project_id)
     if base is None and not await svc.repo.pending_changes(project_id):
-        raise ApiError(409, ErrorCode.CONFLICT, f"project {project_id} has no ready version to change: start it with a goal")
+        raise ApiError(
+            409, ErrorCode.CONFLICT, f"project {project_id} has no ready version to change: start it with a goal"
+        )
     return base
 
 
@@ -271,12 +295,18 @@ async def get_build(request: Request) -> Response:
         for t in await svc.repo.list_transitions(job.id)
     ]
     attempts = [
-        AttemptOut(attempt=a.attempt, stage=Stage(a.stage), command=a.command, exit_code=a.exit_code,
-                   output=a.output, at=a.at)
+        AttemptOut(
+            attempt=a.attempt, stage=Stage(a.stage), command=a.command, exit_code=a.exit_code, output=a.output, at=a.at
+        )
         for a in await svc.repo.list_attempts(job.id)
     ]
-    detail = BuildDetail(**summary_fields(svc, job), sandbox_id=job.sandbox_id, sandbox_host=job.sandbox_host,
-                         history=history, attempts=attempts)
+    detail = BuildDetail(
+        **summary_fields(svc, job),
+        sandbox_id=job.sandbox_id,
+        sandbox_host=job.sandbox_host,
+        history=history,
+        attempts=attempts,
+    )
     return json_response(detail)
 
 
@@ -287,8 +317,9 @@ async def build_events(request: Request) -> Response:
     if logs is None:
         raise read.invalid("logs must be 1, true, 0 or false")
     if logs:
-        last_seen = read.header(request, "last-event-id", _LAST_EVENT_ID_WITH_LOGS,
-                                "an event id (T or T.L: non-negative integers)")
+        last_seen = read.header(
+            request, "last-event-id", _LAST_EVENT_ID_WITH_LOGS, "an event id (T or T.L: non-negative integers)"
+        )
         after_seq, after_log = parse_event_id(last_seen) if last_seen is not None else (0, 0)
     else:
         last_seen = read.header(request, "last-event-id", _LAST_EVENT_ID, "a non-negative integer (an event id)")
@@ -301,8 +332,11 @@ async def build_events(request: Request) -> Response:
             return Response(status_code=204)
         if not logs:
             return Response(encode_event(final, job).frame, media_type="text/event-stream", headers=SSE_HEADERS)
-        return StreamingResponse(_finished_with_logs(svc, job, final, after_seq, after_log),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
+        return StreamingResponse(
+            _finished_with_logs(svc, job, final, after_seq, after_log),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+        )
     return EventStreamResponse(svc.feed, job.id, after_seq, logs=logs, after_log=after_log)
 
 
@@ -331,7 +365,8 @@ async def cancel_build(request: Request) -> Response:
         handle = client.get_workflow_handle(project_workflow_id(job.project_id))
         try:
             dropped = await handle.execute_update(
-                ProjectWorkflow.cancel_pending, CancelPendingRequest(build_id=job.id, reason=reason),
+                ProjectWorkflow.cancel_pending,
+                CancelPendingRequest(build_id=job.id, reason=reason),
                 rpc_timeout=TEMPORAL_RPC_TIMEOUT,
             )
         except RPCError as err:
@@ -339,8 +374,9 @@ async def cancel_build(request: Request) -> Response:
                 raise
             dropped = False
         if dropped:
-            return json_response(BuildRef(build_id=job.id, project_id=job.project_id, status=Stage.QUEUED,
-                                          links=links(svc, job)), 202)
+            return json_response(
+                BuildRef(build_id=job.id, project_id=job.project_id, status=Stage.QUEUED, links=links(svc, job)), 202
+            )
     try:
         await client.get_workflow_handle(job.workflow_id or job.id).signal(
             CANCEL_SIGNAL, CancelRequest(reason=reason), rpc_timeout=TEMPORAL_RPC_TIMEOUT
@@ -382,4 +418,3 @@ class ProjectBuilds(HTTPEndpoint):
 
     get = staticmethod(list_builds)
     post = staticmethod(trigger_build)
-

@@ -80,7 +80,9 @@ def summary_fields(svc: Services, job: Job) -> dict[str, Any]:
 
 
 def json_response(model: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(model.model_dump_json(by_alias=True), status_code=status, media_type="application/json", headers=headers)
+    return Response(
+        model.model_dump_json(by_alias=True), status_code=status, media_type="application/json", headers=headers
+    )
 
 
 def digest(body: Any) -> str:

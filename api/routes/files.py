@@ -22,7 +22,9 @@ async def list_files(request: Request) -> Response:
     svc = services(request)
     job = await get_job(svc, read.path_id(request, "build_id"))
     files = await svc.repo.get_files(job.id)
-    return json_response(FileList(build_id=job.id, files=[FileOut(path=f.path, size=f.size, sha256=f.digest) for f in files]))
+    return json_response(
+        FileList(build_id=job.id, files=[FileOut(path=f.path, size=f.size, sha256=f.digest) for f in files])
+    )
 
 
 async def get_file(request: Request) -> Response:
@@ -39,8 +41,11 @@ async def get_file(request: Request) -> Response:
     text, _ = text_files({path: content})
     # Generated content is served inert: never as HTML, never sniffed into something runnable.
     media_type = "text/plain; charset=utf-8" if text else "application/octet-stream"
-    headers = {"ETag": f'"{entry.digest}"', "X-Content-Type-Options": "nosniff",
-               "Content-Security-Policy": "default-src 'none'; sandbox"}
+    headers = {
+        "ETag": f'"{entry.digest}"',
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "default-src 'none'; sandbox",
+    }
     return Response(content, media_type=media_type, headers=headers)
 
 
@@ -54,12 +59,15 @@ async def diff(request: Request) -> Response:
     if against_ref is not None:
         against = await svc.repo.find_version(job.project_id, against_ref)
         if against is None:
-            raise ApiError(404, ErrorCode.NOT_FOUND, f"{against_ref} is not a build or version of project {job.project_id}")
+            raise ApiError(
+                404, ErrorCode.NOT_FOUND, f"{against_ref} is not a build or version of project {job.project_id}"
+            )
         old_id = against.id
     old = await _contents(svc, old_id) if old_id else {}
     new = await _contents(svc, job.id)
-    return Response(unified_diff(old, new), media_type="text/x-diff; charset=utf-8",
-                    headers={"X-Content-Type-Options": "nosniff"})
+    return Response(
+        unified_diff(old, new), media_type="text/x-diff; charset=utf-8", headers={"X-Content-Type-Options": "nosniff"}
+    )
 
 
 async def _contents(svc: Services, build_id: str) -> dict[str, bytes]:

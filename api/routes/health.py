@@ -37,7 +37,9 @@ async def healthz(request: Request) -> Response:
         else:
             status[name] = ComponentHealth(status=ComponentStatus.OK)
     healthy = all(c.status is ComponentStatus.OK for c in status.values())
-    health = Health(status=ComponentStatus.OK if healthy else ComponentStatus.UNAVAILABLE, components=Components(**status))
+    health = Health(
+        status=ComponentStatus.OK if healthy else ComponentStatus.UNAVAILABLE, components=Components(**status)
+    )
     return json_response(health, 200 if healthy else 503)
 
 

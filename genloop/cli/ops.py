@@ -67,8 +67,9 @@ async def cmd_sweep(settings: Settings, args: argparse.Namespace) -> int:
 
     repo = JobRepository.from_url(settings.database_url)
     try:
-        report = await sweep_orphans(SandboxClient(SandboxConfig.from_settings(settings)), repo, await connect(settings),
-                                     include_live=args.all)
+        report = await sweep_orphans(
+            SandboxClient(SandboxConfig.from_settings(settings)), repo, await connect(settings), include_live=args.all
+        )
         deleted = await sweep_logs(repo, settings.logs.retention_days)
     finally:
         await repo.aclose()

@@ -85,7 +85,11 @@ class Child:
     def last_log_line(self) -> str:
         """The child's last meaningful log line: services end a failed start with the reason."""
         try:
-            lines = [line.strip() for line in self.log_path.read_text(errors="replace").splitlines()] if self.log_path else []
+            lines = (
+                [line.strip() for line in self.log_path.read_text(errors="replace").splitlines()]
+                if self.log_path
+                else []
+            )
         except OSError:
             lines = []
         lines = [line for line in lines if line and not line.startswith(("Traceback", "File ", "^"))]
@@ -94,7 +98,10 @@ class Child:
     async def start(self, env: dict[str, str]) -> None:
         out = open(self.log_path, "ab") if self.log_path else None
         self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT if out else None,
+            *self.argv,
+            env=env,
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT if out else None,
             preexec_fn=_die_with_parent,
         )
         if out:
@@ -111,8 +118,10 @@ class Child:
             if self.proc and self.proc.returncode is not None:
                 raise StackError(f"the {self.name} stopped at start: {self.last_log_line()} (log: {self.log_path})")
             if time.monotonic() > deadline:
-                raise StackError(f"the {self.name} did not listen on {self.ready_port[0]}:{self.ready_port[1]} "
-                                 f"within {timeout:.0f}s (log: {self.log_path})")
+                raise StackError(
+                    f"the {self.name} did not listen on {self.ready_port[0]}:{self.ready_port[1]} "
+                    f"within {timeout:.0f}s (log: {self.log_path})"
+                )
             await asyncio.sleep(0.1)
 
     async def stop(self) -> None:
@@ -154,11 +163,23 @@ class Stack:
         elif port_open(s.temporal.ip, s.temporal.port):
             log.info("reusing the Temporal server already listening on %s:%s", s.temporal.ip, s.temporal.port)
         else:
-            children.append(Child("Temporal dev server", dev_server_command(s), (s.temporal.ip, s.temporal.port),
-                                  "GENLOOP_TEMPORAL_PORT"))
+            children.append(
+                Child(
+                    "Temporal dev server",
+                    dev_server_command(s),
+                    (s.temporal.ip, s.temporal.port),
+                    "GENLOOP_TEMPORAL_PORT",
+                )
+            )
         if self.local_sandbox_host:
-            children.append(Child("sandbox host", self._python("genloop.cli", "sandbox-host"),
-                                  (s.sandbox_host.host, s.sandbox_host.port), "GENLOOP_SANDBOX_HOST_PORT"))
+            children.append(
+                Child(
+                    "sandbox host",
+                    self._python("genloop.cli", "sandbox-host"),
+                    (s.sandbox_host.host, s.sandbox_host.port),
+                    "GENLOOP_SANDBOX_HOST_PORT",
+                )
+            )
         children.append(Child("worker", self._python("genloop.cli", "worker")))
         children.append(Child("API", self._python("genloop.cli", "api"), (s.api.host, s.api.port), "GENLOOP_API_PORT"))
         for child in children:
@@ -173,8 +194,10 @@ class Stack:
         for child in children:
             if child.ready_port and port_open(*child.ready_port):
                 host, port = child.ready_port
-                raise StackError(f"port {port} on {host} is already in use, so the {child.name} cannot start: stop "
-                                 f"what uses it (a `genloop up` still running?) or set {child.port_setting}")
+                raise StackError(
+                    f"port {port} on {host} is already in use, so the {child.name} cannot start: stop "
+                    f"what uses it (a `genloop up` still running?) or set {child.port_setting}"
+                )
 
     async def _check_temporal(self) -> None:
         from genloop.temporal import connect
@@ -182,8 +205,10 @@ class Stack:
         try:
             await asyncio.wait_for(connect(self.settings), 10)
         except Exception as exc:  # noqa: BLE001 - the SDK reports an unreachable server as RuntimeError
-            raise StackError(f"cannot reach Temporal at {self.settings.temporal.target} ({type(exc).__name__}): check "
-                             "TEMPORAL_ADDRESS, or unset it to run a local dev server") from None
+            raise StackError(
+                f"cannot reach Temporal at {self.settings.temporal.target} ({type(exc).__name__}): check "
+                "TEMPORAL_ADDRESS, or unset it to run a local dev server"
+            ) from None
 
     async def start(self) -> None:
         """Start every service in order; a StackError (one line) when one cannot start."""
@@ -201,8 +226,9 @@ class Stack:
                 try:
                     await upgrade(self.settings.database_url)
                 except GenloopError as err:
-                    raise StackError(f"cannot reach the database ({err.detail}): start it, or fix "
-                                     "GENLOOP_DATABASE_URL") from None
+                    raise StackError(
+                        f"cannot reach the database ({err.detail}): start it, or fix GENLOOP_DATABASE_URL"
+                    ) from None
             log.info("starting the %s", child.name)
             await child.start(env)
             await child.wait_ready()
@@ -215,8 +241,14 @@ class Stack:
             code = await child.proc.wait()
             if self._stopping:
                 return
-            log.error("%s exited with %s; restart #%d in %.0fs (log: %s)",
-                      child.name, code, child.restarts + 1, backoff, child.log_path)
+            log.error(
+                "%s exited with %s; restart #%d in %.0fs (log: %s)",
+                child.name,
+                code,
+                child.restarts + 1,
+                backoff,
+                child.log_path,
+            )
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30)
             child.restarts += 1
@@ -264,6 +296,8 @@ class Stack:
                 except httpx.HTTPError:
                     pass
                 if time.monotonic() > deadline:
-                    raise StackError(f"the API at {self.api_url} did not become healthy within {timeout:.0f}s "
-                                     f"(log: {self.settings.resolve('logs')}/api.log)")
+                    raise StackError(
+                        f"the API at {self.api_url} did not become healthy within {timeout:.0f}s "
+                        f"(log: {self.settings.resolve('logs')}/api.log)"
+                    )
                 await asyncio.sleep(0.2)

@@ -20,7 +20,9 @@ async def trigger(http, project_id: str, goal: str, **headers: str) -> dict:
     return response.json()
 
 
-async def follow(http, build_id: str, *, headers: dict[str, str] | None = None, until: str | None = None) -> list[Event]:
+async def follow(
+    http, build_id: str, *, headers: dict[str, str] | None = None, until: str | None = None
+) -> list[Event]:
     """Events until the stream closes (or until a `build.stage.started` for stage `until`)."""
     events = []
     async with http.stream("GET", f"/v1/builds/{build_id}/events", headers=headers or {}) as response:
@@ -40,7 +42,9 @@ async def test_trigger_follow_events_until_ready(api, http, worker):
     assert accepted["status"] == "queued" and accepted["project_id"] == project_id
     links = accepted["links"]
     assert (links["self"], links["events"], links["cancel"]) == (
-        f"/v1/builds/{build_id}", f"/v1/builds/{build_id}/events", f"/v1/builds/{build_id}/cancel"
+        f"/v1/builds/{build_id}",
+        f"/v1/builds/{build_id}/events",
+        f"/v1/builds/{build_id}/cancel",
     )
     assert links["web_ui"].startswith("http://") and f"/namespaces/default/workflows/{build_id}/" in links["web_ui"]
     assert links["web_ui"].endswith("/history")
@@ -62,7 +66,10 @@ async def test_trigger_follow_events_until_ready(api, http, worker):
     assert response.status_code == 200
     build = response.json()
     assert (build["stage"], build["label"], build["preview_url"], build["build_version"]) == (
-        "ready", LABELS[Stage.READY], ready["preview_url"], "build_v0_1"
+        "ready",
+        LABELS[Stage.READY],
+        ready["preview_url"],
+        "build_v0_1",
     )
     assert [h["stage"] for h in build["history"]] == [*PIPELINE, "ready"]
     assert [h["seq"] for h in build["history"]] == list(range(1, 8))

@@ -188,7 +188,8 @@ async def test_a_failing_change_in_the_middle_is_skipped_with_a_note(loop_stack)
 async def test_restore_makes_a_version_with_exactly_the_base_files(loop_stack):
     stack, project = loop_stack, new_project()
     v1 = await new_app(stack, project)
-    v2 = await wait_done(stack, (await post(stack, project, {"edits": [{"path": "x.txt", "content": "x"}]}))["build_id"])
+    edit = {"edits": [{"path": "x.txt", "content": "x"}]}
+    v2 = await wait_done(stack, (await post(stack, project, edit))["build_id"])
     v3 = await wait_done(stack, (await post(stack, project, {"base": "build_v0_1"}))["build_id"])
     assert v3["stage"] == "ready" and v3["build_version"] == "build_v0_3" and v2["stage"] == "ready"
     listing = lambda b: stack.http.get(f"/v1/builds/{b['build_id']}/files")  # noqa: E731
@@ -206,7 +207,9 @@ async def test_bad_requests_are_4xx_and_record_nothing(loop_stack):
     failed_project = new_project()
     stack.model.reset()
     stack.model.script(error(401))
-    no_files = await wait_done(stack, (await post(stack, failed_project, {"goal": "fails in CODE", "runner": "llm"}))["build_id"])
+    no_files = await wait_done(
+        stack, (await post(stack, failed_project, {"goal": "fails in CODE", "runner": "llm"}))["build_id"]
+    )
     assert no_files["stage"] == "failed"
     before = len(await stack.repo.project_builds(project))
     cases = [
@@ -227,8 +230,9 @@ async def test_bad_requests_are_4xx_and_record_nothing(loop_stack):
     for body, status, needle in cases:
         answer = await post(stack, project, body, status=status)
         assert needle in answer["error"]["message"], (body, answer)
-    base_without_files = await stack.http.post(f"/v1/projects/{failed_project}/builds",
-                                               json={"base": no_files["build_id"]})
+    base_without_files = await stack.http.post(
+        f"/v1/projects/{failed_project}/builds", json={"base": no_files["build_id"]}
+    )
     assert base_without_files.status_code == 409 and "no files" in base_without_files.json()["error"]["message"]
     assert len(await stack.repo.project_builds(project)) == before
     assert len(await stack.repo.project_builds(failed_project)) == 1
@@ -242,8 +246,13 @@ async def test_idempotency_key_for_changes(loop_stack):
     first = await post(stack, project, body, **{"Idempotency-Key": "edit-1"})
     second = await post(stack, project, body, **{"Idempotency-Key": "edit-1"})
     assert first["build_id"] == second["build_id"]
-    await post(stack, project, {"edits": [{"path": "once.txt", "content": "twice"}]}, status=409,
-               **{"Idempotency-Key": "edit-1"})
+    await post(
+        stack,
+        project,
+        {"edits": [{"path": "once.txt", "content": "twice"}]},
+        status=409,
+        **{"Idempotency-Key": "edit-1"},
+    )
     assert (await wait_done(stack, first["build_id"]))["stage"] == "ready"
     assert len([b for b in await stack.repo.project_builds(project) if b.kind == "change"]) == 1
 
@@ -264,4 +273,3 @@ async def test_a_waiting_change_can_be_cancelled(loop_stack):
     assert (await wait_done(stack, running["build_id"]))["stage"] == "ready"
     last_b = await wait_done(stack, last["build_id"])
     assert last_b["stage"] == "ready" and last_b["lineage"]["base_build_id"] == running["build_id"]
-

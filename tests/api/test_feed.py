@@ -127,7 +127,9 @@ async def serving(app) -> AsyncIterator[str]:
 
 @SQLITE_ONLY
 async def test_client_disconnect_over_http_cleans_up(tmp_path, temporal_client, worker, repo):
-    settings = load_settings(environ={"GENLOOP_TEMPORAL_TASK_QUEUE": worker.task_queue, "GENLOOP_DATA_DIR": str(tmp_path)})
+    settings = load_settings(
+        environ={"GENLOOP_TEMPORAL_TASK_QUEUE": worker.task_queue, "GENLOOP_DATA_DIR": str(tmp_path)}
+    )
     app = create_app(settings, client=temporal_client, repo=repo)
     async with serving(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
         feed = app.state.services.feed

@@ -37,14 +37,32 @@ MATRIX = [
     pytest.param("POST", BUILDS, JSON, body(42), 422, "validation_failed", id="goal-not-a-string"),
     pytest.param("POST", BUILDS, JSON, body(runner="llm"), 422, "validation_failed", id="runner-not-offered"),
     pytest.param("POST", BUILDS, JSON, body("x" * 11 * 1024 * 1024), 413, "payload_too_large", id="oversized-body"),
-    pytest.param("POST", BUILDS, {"Content-Type": "text/plain"}, body(), 415, "unsupported_media_type", id="text-plain"),
+    pytest.param(
+        "POST", BUILDS, {"Content-Type": "text/plain"}, body(), 415, "unsupported_media_type", id="text-plain"
+    ),
     pytest.param("POST", BUILDS, {}, body(), 415, "unsupported_media_type", id="no-content-type"),
-    pytest.param("POST", BUILDS, {"Content-Type": "application/json; charset=latin-1"}, body(), 415,
-                 "unsupported_media_type", id="latin1-charset"),
+    pytest.param(
+        "POST",
+        BUILDS,
+        {"Content-Type": "application/json; charset=latin-1"},
+        body(),
+        415,
+        "unsupported_media_type",
+        id="latin1-charset",
+    ),
     pytest.param("POST", "/v1/projects/bad%20id/builds", JSON, body(), 400, "invalid_parameter", id="bad-project-id"),
-    pytest.param("POST", f"/v1/projects/{'p' * 65}/builds", JSON, body(), 400, "invalid_parameter", id="long-project-id"),
-    pytest.param("POST", BUILDS, {**JSON, "Idempotency-Key": "has space"}, body(), 400, "invalid_parameter",
-                 id="bad-idempotency-key"),
+    pytest.param(
+        "POST", f"/v1/projects/{'p' * 65}/builds", JSON, body(), 400, "invalid_parameter", id="long-project-id"
+    ),
+    pytest.param(
+        "POST",
+        BUILDS,
+        {**JSON, "Idempotency-Key": "has space"},
+        body(),
+        400,
+        "invalid_parameter",
+        id="bad-idempotency-key",
+    ),
     pytest.param("GET", "/v1/builds/b-unknown", {}, None, 404, "not_found", id="unknown-build"),
     pytest.param("GET", "/v1/builds/b-unknown/events", {}, None, 404, "not_found", id="unknown-build-events"),
     pytest.param("GET", "/v1/builds/bad.id", {}, None, 400, "invalid_parameter", id="bad-build-id"),
@@ -59,8 +77,9 @@ MATRIX = [
     pytest.param("GET", f"{BUILDS}?cursor=no.pe", {}, None, 400, "invalid_parameter", id="bad-cursor"),
     pytest.param("GET", "/v1/builds/b-unknown/logs", {}, None, 404, "not_found", id="unknown-build-logs"),
     pytest.param("POST", "/v1/builds/b-unknown/cancel", JSON, None, 404, "not_found", id="cancel-unknown"),
-    pytest.param("POST", "/v1/builds/b-unknown/cancel", {}, None, 415, "unsupported_media_type",
-                 id="cancel-without-content-type"),
+    pytest.param(
+        "POST", "/v1/builds/b-unknown/cancel", {}, None, 415, "unsupported_media_type", id="cancel-without-content-type"
+    ),
 ]
 
 
@@ -97,7 +116,9 @@ async def test_cancel_body_is_validated(http, worker):
     await worker.repo.create_job(build_id, "p-contract", "a row only")
     bad = await http.post(f"/v1/builds/{build_id}/cancel", json={"reason": "x", "force": True})
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "validation_failed"
-    wrong_type = await http.post(f"/v1/builds/{build_id}/cancel", content=b"reason", headers={"Content-Type": "text/plain"})
+    wrong_type = await http.post(
+        f"/v1/builds/{build_id}/cancel", content=b"reason", headers={"Content-Type": "text/plain"}
+    )
     assert wrong_type.status_code == 415
 
 
@@ -126,13 +147,16 @@ async def test_token_required(api):
 
 @SQLITE_ONLY
 async def test_without_a_token_no_auth_is_required(tmp_path, temporal_env, worker, migrated_db_url):
-    async with running_api(
-        tmp_path,
-        token=None,
-        TEMPORAL_ADDRESS=temporal_address(temporal_env),
-        GENLOOP_TEMPORAL_TASK_QUEUE=worker.task_queue,
-        GENLOOP_DATABASE_URL=migrated_db_url,
-    ) as server, server.client() as client:
+    async with (
+        running_api(
+            tmp_path,
+            token=None,
+            TEMPORAL_ADDRESS=temporal_address(temporal_env),
+            GENLOOP_TEMPORAL_TASK_QUEUE=worker.task_queue,
+            GENLOOP_DATABASE_URL=migrated_db_url,
+        ) as server,
+        server.client() as client,
+    ):
         response = await client.post(f"/v1/projects/{new_project()}/builds", json={"goal": "an open app"})
         assert response.status_code == 202, response.text
         assert "security" not in (await client.get("/openapi.json")).json()
@@ -145,7 +169,10 @@ async def test_without_a_token_no_auth_is_required(tmp_path, temporal_env, worke
 async def test_healthz(http):
     response = await http.get("/healthz")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "components": {"database": {"status": "ok"}, "temporal": {"status": "ok"}}}
+    assert response.json() == {
+        "status": "ok",
+        "components": {"database": {"status": "ok"}, "temporal": {"status": "ok"}},
+    }
 
 
 @SQLITE_ONLY
@@ -172,7 +199,10 @@ async def test_openapi_describes_every_route(http):
     schemas = doc["components"]["schemas"]
     body = doc["paths"]["/v1/projects/{project_id}/builds"]["post"]["requestBody"]["content"]["application/json"]
     assert [ref["$ref"].rsplit("/", 1)[1] for ref in body["schema"]["oneOf"]] == [
-        "NewApp", "ChangeApp", "EditFiles", "RestoreVersion"
+        "NewApp",
+        "ChangeApp",
+        "EditFiles",
+        "RestoreVersion",
     ]
     trigger = schemas["NewApp"]
     assert trigger["additionalProperties"] is False and trigger["required"] == ["goal"]
@@ -203,7 +233,13 @@ def _refs(node):
 async def test_refuses_to_serve_the_network_without_a_token(tmp_path):
     env = api_env(GENLOOP_API_HOST="0.0.0.0", GENLOOP_API_PORT=str(free_port()), GENLOOP_DATA_DIR=str(tmp_path))
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "api", cwd=REPO_ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        sys.executable,
+        "-m",
+        "api",
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     _, stderr = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 2
@@ -213,9 +249,12 @@ async def test_refuses_to_serve_the_network_without_a_token(tmp_path):
 @SQLITE_ONLY
 async def test_temporal_down_means_503_and_nothing_runs(tmp_path, worker, migrated_db_url):
     project_id = new_project()
-    async with running_api(
-        tmp_path, token=None, TEMPORAL_ADDRESS=f"127.0.0.1:{free_port()}", GENLOOP_DATABASE_URL=migrated_db_url
-    ) as server, server.client() as client:
+    async with (
+        running_api(
+            tmp_path, token=None, TEMPORAL_ADDRESS=f"127.0.0.1:{free_port()}", GENLOOP_DATABASE_URL=migrated_db_url
+        ) as server,
+        server.client() as client,
+    ):
         response = await client.post(f"/v1/projects/{project_id}/builds", json={"goal": "an app"})
         assert response.status_code == 503, response.text
         assert response.json()["error"]["code"] == "service_unavailable" and response.headers["retry-after"]
@@ -232,9 +271,12 @@ async def test_temporal_down_means_503_and_nothing_runs(tmp_path, worker, migrat
 
 async def test_database_down_means_503(tmp_path, temporal_env):
     unreachable = f"postgresql+asyncpg://genloop@127.0.0.1:{free_port()}/genloop"
-    async with running_api(
-        tmp_path, token=None, TEMPORAL_ADDRESS=temporal_address(temporal_env), GENLOOP_DATABASE_URL=unreachable
-    ) as server, server.client() as client:
+    async with (
+        running_api(
+            tmp_path, token=None, TEMPORAL_ADDRESS=temporal_address(temporal_env), GENLOOP_DATABASE_URL=unreachable
+        ) as server,
+        server.client() as client,
+    ):
         response = await client.get("/v1/builds/b-anything")
         assert response.status_code == 503 and response.json()["error"]["code"] == "service_unavailable"
         health = await client.get("/healthz")

@@ -54,7 +54,10 @@ async def test_foreign_host_is_refused_before_anything_else(api):
 
 @SQLITE_ONLY
 async def test_cross_site_posts_are_refused_without_a_token(tmp_path, temporal_env, worker, migrated_db_url):
-    async with open_api(tmp_path, temporal_env, worker.task_queue, migrated_db_url) as server, server.client() as client:
+    async with (
+        open_api(tmp_path, temporal_env, worker.task_queue, migrated_db_url) as server,
+        server.client() as client,
+    ):
         project = new_project()
         own_origin = server.url
         refused = [
@@ -69,8 +72,9 @@ async def test_cross_site_posts_are_refused_without_a_token(tmp_path, temporal_e
             response = await client.post(f"/v1/projects/{project}/builds", json={"goal": "x"}, headers=headers)
             assert response.status_code == 403, (headers, response.text)
             assert response.json()["error"]["code"] == "forbidden"
-        text = await client.post(f"/v1/projects/{project}/builds", content=b'{"goal": "x"}',
-                                 headers={"Content-Type": "text/plain"})
+        text = await client.post(
+            f"/v1/projects/{project}/builds", content=b'{"goal": "x"}', headers={"Content-Type": "text/plain"}
+        )
         assert text.status_code == 415
         assert await worker.repo.list_jobs(project) == []
         # The same request from the API's own origin (or from a non-browser client) goes through.
@@ -89,17 +93,28 @@ Promise.allSettled([
   fetch(target, {{method: "POST", headers: {{"Content-Type": "application/json"}}, body: "{{}}"}}),
   fetch("{api}/v1/builds/{build_id}").then(r => r.text()),
 ]).then(results => {{
-  document.getElementById("out").textContent = JSON.stringify(results.map(r => r.status + ":" + (typeof r.value === "string" ? "read" : "")));
+  document.getElementById("out").textContent = JSON.stringify(
+    results.map(r => r.status + ":" + (typeof r.value === "string" ? "read" : "")));
 }});
 </script></body></html>"""
 
 
 async def _chromium(url: str, profile: Path) -> str:
     proc = await asyncio.create_subprocess_exec(
-        str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom", url,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        str(CHROMIUM),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=10000",
+        "--dump-dom",
+        url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
     )
     stdout, _ = await asyncio.wait_for(proc.communicate(), 90)
     return stdout.decode()
@@ -145,8 +160,13 @@ async def _sandbox_page(host, html: str) -> tuple[AsyncSandbox, str]:
 
 @SQLITE_ONLY
 @needs_chromium
-async def test_pages_in_the_browser_cannot_cancel_a_build(tmp_path, temporal_env, worker, migrated_db_url, sandbox_host):
-    async with open_api(tmp_path, temporal_env, worker.task_queue, migrated_db_url) as server, server.client() as client:
+async def test_pages_in_the_browser_cannot_cancel_a_build(
+    tmp_path, temporal_env, worker, migrated_db_url, sandbox_host
+):
+    async with (
+        open_api(tmp_path, temporal_env, worker.task_queue, migrated_db_url) as server,
+        server.client() as client,
+    ):
         accepted = await client.post(f"/v1/projects/{new_project()}/builds", json={"goal": f"a slow app {SLOW_MARKER}"})
         build_id = accepted.json()["build_id"]
         await wait_until(lambda: _stage_is(client, build_id, "code"), "the build to reach CODE")
@@ -199,6 +219,7 @@ async def test_trigger_with_the_database_down_starts_nothing(tmp_path, temporal_
                 retried = await client.post(f"/v1/projects/{project}/builds", json={"goal": "an app"})
                 assert retried.status_code == 202, retried.text
                 build_id = retried.json()["build_id"]
+
                 async def started() -> list[str]:
                     return [w.id async for w in temporal_env.client.list_workflows(f'ProjectId = "{project}"')]
 
@@ -208,4 +229,3 @@ async def test_trigger_with_the_database_down_starts_nothing(tmp_path, temporal_
         finally:
             await repo.aclose()
             await proxy.close()
-

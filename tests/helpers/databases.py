@@ -108,7 +108,9 @@ async def inspect_schema(url: str) -> dict[str, Any]:
         return {
             table: {
                 "columns": [c["name"] for c in inspector.get_columns(table)],
-                "unique": sorted((u["name"], tuple(u["column_names"])) for u in inspector.get_unique_constraints(table)),
+                "unique": sorted(
+                    (u["name"], tuple(u["column_names"])) for u in inspector.get_unique_constraints(table)
+                ),
                 "indexes": sorted(i["name"] for i in inspector.get_indexes(table)),
             }
             for table in inspector.get_table_names()

@@ -216,7 +216,7 @@ class GatedRunnerDouble:
 
 # A PEP 517 in-tree build backend: building the wheel sleeps on the first build in this sandbox, so
 # `pip install -r requirements.txt` holds the build in DEPS (fully offline: no build requirements).
-_SLOW_BACKEND = '''\
+_SLOW_BACKEND = """\
 import base64, hashlib, os, time, zipfile
 
 NAME, VERSION = "genloop_slow_dep", "1.0"
@@ -235,7 +235,9 @@ def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
     files = {{
         f"{{NAME}}/__init__.py": b"GREETING = 'slow dependency installed'\\n",
         f"{{dist}}/METADATA": f"Metadata-Version: 2.1\\nName: {{NAME}}\\nVersion: {{VERSION}}\\n".encode(),
-        f"{{dist}}/WHEEL": b"Wheel-Version: 1.0\\nGenerator: genloop-tests\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n",
+        f"{{dist}}/WHEEL": (
+            b"Wheel-Version: 1.0\\nGenerator: genloop-tests\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n"
+        ),
     }}
     record = []
     for path, data in files.items():
@@ -248,7 +250,7 @@ def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
         for path, data in files.items():
             zf.writestr(path, data)
     return name
-'''
+"""
 
 
 class SlowInstallRunnerDouble:

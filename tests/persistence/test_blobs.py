@@ -51,7 +51,7 @@ async def test_put_blobs_batches_dedupes_and_keeps_order(repo):
     contents = [b"alpha", b"beta", b"alpha", b""]
     digests = await repo.put_blobs(contents)
     assert digests[0] == digests[2] and len(set(digests)) == 3
-    assert await repo.get_blobs(digests) == dict(zip(digests, contents))
+    assert await repo.get_blobs(digests) == dict(zip(digests, contents, strict=True))
     assert await repo.put_blobs(contents) == digests  # idempotent
     assert await repo.put_blobs([]) == []
 

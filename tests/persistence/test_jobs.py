@@ -262,7 +262,10 @@ async def test_finish_ready_writes_everything_and_is_idempotent(repo: JobReposit
     await advance(repo, build_id, Stage.CHECKS)
 
     job = await repo.finish_ready(
-        build_id, sandbox_id="sbx-1", preview_url="http://8080-sbx-1.localhost:49983", workspace_path="/home/user/project"
+        build_id,
+        sandbox_id="sbx-1",
+        preview_url="http://8080-sbx-1.localhost:49983",
+        workspace_path="/home/user/project",
     )
 
     assert job.stage is Stage.READY and job.build_version == "build_v0_1"

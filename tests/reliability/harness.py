@@ -56,7 +56,10 @@ async def wait_until(
         except Exception as exc:  # noqa: BLE001 - keep polling; report the last error on timeout
             last_error = exc
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}" + (f" (last error: {last_error!r})" if last_error else ""))
+            raise TimeoutError(
+                f"timed out after {timeout:.0f}s waiting for {what}"
+                + (f" (last error: {last_error!r})" if last_error else "")
+            )
         await asyncio.sleep(interval)
 
 
@@ -79,8 +82,13 @@ class ServiceProcess:
     async def spawn(self) -> None:
         with open(self.log_path, "ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
-                *self.argv, cwd=REPO_ROOT, env=self.env, stdout=log, stderr=asyncio.subprocess.STDOUT,
-                stdin=asyncio.subprocess.DEVNULL, preexec_fn=_die_with_parent,
+                *self.argv,
+                cwd=REPO_ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+                stdin=asyncio.subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
             )
 
     @property
@@ -126,7 +134,9 @@ async def task_queue_pollers(client: Client, task_queue: str, kinds: tuple[int, 
     identities: list[set[str]] = []
     for kind in kinds:
         resp = await client.workflow_service.describe_task_queue(
-            DescribeTaskQueueRequest(namespace=client.namespace, task_queue=TaskQueue(name=task_queue), task_queue_type=kind)
+            DescribeTaskQueueRequest(
+                namespace=client.namespace, task_queue=TaskQueue(name=task_queue), task_queue_type=kind
+            )
         )
         identities.append({p.identity for p in resp.pollers})
     return set.intersection(*identities)
@@ -194,11 +204,14 @@ class Stack:
         await wait_until(polling, f"{worker.name} to poll {self.task_queue}", timeout=WORKER_READY_TIMEOUT_S)
         return worker
 
-    async def start_build(self, runner: str = "template", *, project_id: str | None = None,
-                          goal: str = "a todo list for cats") -> WorkflowHandle:
+    async def start_build(
+        self, runner: str = "template", *, project_id: str | None = None, goal: str = "a todo list for cats"
+    ) -> WorkflowHandle:
         build_id = f"b-{uuid.uuid4().hex[:16]}"
         self.build_ids.append(build_id)
-        req = BuildRequest(build_id=build_id, project_id=project_id or f"p-{uuid.uuid4().hex[:8]}", goal=goal, runner=runner)
+        req = BuildRequest(
+            build_id=build_id, project_id=project_id or f"p-{uuid.uuid4().hex[:8]}", goal=goal, runner=runner
+        )
         return await self.client.start_workflow(
             WORKFLOW_NAME, req, id=build_id, task_queue=self.task_queue, result_type=BuildResult
         )
@@ -281,9 +294,17 @@ async def assert_recovered_ready(stack: Stack, handle: WorkflowHandle, result: B
     job = await stack.repo.get(handle.id)
     status = await handle.query(STATUS_QUERY, result_type=BuildStatus)
     assert [t.stage for t in await stack.repo.list_transitions(handle.id)] == PIPELINE
-    assert (job.status, job.sandbox_id, job.sandbox_preview_url, job.build_version, job.workspace_path) == (
-        status.stage, status.sandbox_id, status.preview_url, status.build_version, status.workspace_path,
-    ) == ("ready", result.sandbox_id, result.preview_url, result.build_version, result.workspace_path)
+    assert (
+        (job.status, job.sandbox_id, job.sandbox_preview_url, job.build_version, job.workspace_path)
+        == (
+            status.stage,
+            status.sandbox_id,
+            status.preview_url,
+            status.build_version,
+            status.workspace_path,
+        )
+        == ("ready", result.sandbox_id, result.preview_url, result.build_version, result.workspace_path)
+    )
     # The row's preview_url is the version's stable URL (the gateway's), the sandbox's stays beside it.
     assert job.preview_url == (result.version_url or result.preview_url)
     project_versions = [j.build_version for j in await stack.repo.list_jobs(job.project_id)]
@@ -331,10 +352,12 @@ class StageGate:
         async def blocked() -> bool:
             conn = await asyncpg.connect(self.dsn)
             try:
-                return bool(await conn.fetchval(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND objid = $1",
-                    self.key,
-                ))
+                return bool(
+                    await conn.fetchval(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND objid = $1",
+                        self.key,
+                    )
+                )
             finally:
                 await conn.close()
 
@@ -354,8 +377,13 @@ class StageGate:
 async def run_command(argv: list[str], env: dict[str, str] | None = None, timeout: float = 120) -> tuple[int, str]:
     """Run a command line to completion (a CLI the way an operator runs it); (exit code, output)."""
     proc = await asyncio.create_subprocess_exec(
-        *argv, cwd=REPO_ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        stdin=asyncio.subprocess.DEVNULL, preexec_fn=_die_with_parent,
+        *argv,
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        stdin=asyncio.subprocess.DEVNULL,
+        preexec_fn=_die_with_parent,
     )
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout)
@@ -370,8 +398,19 @@ async def terminate_with_cli(stack: Stack, build_id: str) -> None:
     """`temporal workflow terminate`: the workflow ends at once, no cleanup code runs."""
     from genloop.devserver import temporal_binary
 
-    code, out = await run_command([
-        temporal_binary(), "workflow", "terminate", "--workflow-id", build_id,
-        "--address", stack.temporal_target, "--namespace", stack.client.namespace, "--reason", "fault injection",
-    ])
+    code, out = await run_command(
+        [
+            temporal_binary(),
+            "workflow",
+            "terminate",
+            "--workflow-id",
+            build_id,
+            "--address",
+            stack.temporal_target,
+            "--namespace",
+            stack.client.namespace,
+            "--reason",
+            "fault injection",
+        ]
+    )
     assert code == 0, out

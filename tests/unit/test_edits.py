@@ -10,7 +10,9 @@ from genloop.errors import ErrorKind, GenloopError
 
 
 async def test_template_runner_output_is_valid_and_escaped():
-    result = await TemplateRunner().run(RunnerTask(kind=Capability.NEW_APP, goal="<script>alert(1)</script>"), no_progress)
+    result = await TemplateRunner().run(
+        RunnerTask(kind=Capability.NEW_APP, goal="<script>alert(1)</script>"), no_progress
+    )
     files = {path: content.decode() for path, content in apply_changes({}, result.files).items()}
     assert set(files) == {"app.py", "Procfile", "README.md", ".env.example"}
     assert "<script>" not in files["app.py"] and "&lt;script&gt;" in files["app.py"]
