@@ -17,7 +17,9 @@ host are SIGKILLed and b's sandboxes reaped, as when a machine dies. Per moved b
 sandbox recorded on host a (detection and a new sandbox), and kill → READY (which includes the app's
 LATE_S start-up in the new sandbox). Detection is bounded by the heartbeat timeout of the activity
 that was running (workflows.build._HOST_HEARTBEAT) plus the host queue's schedule-to-start timeout
-(workflows.build.HOST_SCHEDULE_TO_START).
+(workflows.build.HOST_SCHEDULE_TO_START), plus, for a build whose workflow the dead worker ran last,
+the wait on that worker's sticky queue (worker.sticky_schedule_to_start_s): measured with genloop's
+setting and with the SDK's default (10 s), side by side.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class Fleet:
         self.workers: list[asyncio.subprocess.Process] = []
 
     async def start_worker(self, host: RunningHost, module: tuple[str, ...] = ("genloop.cli", "worker"),
-                           only: str | None = None):
+                           only: str | None = None, **settings: str):
         n = len(self.workers) + 1
         log = self.tmp / f"worker-{n}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("GENLOOP_", "TEMPORAL_", "E2B_"))}
@@ -65,6 +67,7 @@ class Fleet:
             GENLOOP_SANDBOX_API_KEY=host.api_key, GENLOOP_DATA_DIR=str(self.tmp / f"worker-{n}"),
             GENLOOP_WORKER_SWEEP_INTERVAL_S="0", GENLOOP_TEST_LATE_BINDING_S=str(LATE_S),
         )
+        env.update(settings)
         with open(log, "ab") as out:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", *module, *(["--only", only] if only else []),
@@ -130,14 +133,16 @@ async def throughput(workers: list[str | None]) -> tuple[float, float]:
         return BUILDS / max(times), common.percentile(times, 0.5)
 
 
-async def failover() -> list[tuple[float, float]]:
-    """(kill → new sandbox on host a, kill → READY) per build caught on the dying host."""
+async def failover(sticky_s: float | None = None) -> list[tuple[float, float]]:
+    """(kill → new sandbox on host a, kill → READY) per build caught on the dying host. `sticky_s`:
+    the workers' worker.sticky_schedule_to_start_s (None: genloop's default)."""
+    sticky = {"GENLOOP_WORKER_STICKY_SCHEDULE_TO_START_S": str(sticky_s)} if sticky_s is not None else {}
     doubles = ("tests.reliability.worker_with_doubles",)
     async with fleet() as f, running_host(f.tmp / "host-a", default_timeout_s=600) as host_a, \
             running_host(f.tmp / "host-b", default_timeout_s=600) as host_b:
         id_a, id_b = (await host_a.health())["host_id"], (await host_b.health())["host_id"]
-        await f.start_worker(host_a, doubles)
-        worker_b = await f.start_worker(host_b, doubles)
+        await f.start_worker(host_a, doubles, **sticky)
+        worker_b = await f.start_worker(host_b, doubles, **sticky)
         build_ids = [await f.start_build("late-binding") for _ in range(BUILDS)]
         caught: list[str] = []
         deadline = time.monotonic() + 300
@@ -176,13 +181,16 @@ async def run() -> None:
         rows.append((label, f"{rate:.2f}", common.ms(p50)))
     common.print_table(f"{BUILDS} template builds at once, one local sandbox host",
                        ("worker processes", "builds/s", "p50 to READY"), rows)
-    moves = await failover()
-    common.print_table(
-        f"host killed mid-build (heartbeat timeout {_HOST_HEARTBEAT.total_seconds():.0f} s, host queue "
-        f"schedule-to-start {HOST_SCHEDULE_TO_START.total_seconds():.0f} s; the app starts {LATE_S} s after launch)",
-        ("build", "kill → new sandbox on the other host", "kill → READY"),
-        [(n + 1, f"{moved:.1f} s", f"{ready:.1f} s") for n, (moved, ready) in enumerate(moves)],
-    )
+    for label, sticky_s in ((f"sticky {common.settings().worker.sticky_schedule_to_start_s:g} s (genloop)", None),
+                            ("sticky 10 s (the SDK's default)", 10.0)):
+        moves = await failover(sticky_s)
+        common.print_table(
+            f"host killed mid-build, {label} (heartbeat timeout {_HOST_HEARTBEAT.total_seconds():.0f} s, host "
+            f"queue schedule-to-start {HOST_SCHEDULE_TO_START.total_seconds():.0f} s; the app starts {LATE_S} s "
+            "after launch)",
+            ("build", "kill → new sandbox on the other host", "kill → READY"),
+            [(n + 1, f"{moved:.1f} s", f"{ready:.1f} s") for n, (moved, ready) in enumerate(moves)],
+        )
 
 
 def main() -> int:

@@ -79,6 +79,10 @@ class WorkerSettings(_Section):
     max_concurrent_activities: int = Field(200, ge=1)
     max_concurrent_local_activities: int = Field(200, ge=1)
     max_concurrent_workflow_tasks: int = Field(100, ge=2)
+    # A workflow task waits this long on the queue of the worker that ran the workflow last (its
+    # sticky cache) before any worker may take it. The SDK's 10 s is how long a build stood still
+    # after its worker's machine died (bench hosts).
+    sticky_schedule_to_start_s: float = Field(3, gt=0)
     sweep_interval_s: float = Field(300, ge=0)
 
 

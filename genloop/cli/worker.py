@@ -46,6 +46,7 @@ def build_worker(
         max_concurrent_activities=settings.worker.max_concurrent_activities,
         max_concurrent_local_activities=settings.worker.max_concurrent_local_activities,
         max_concurrent_workflow_tasks=settings.worker.max_concurrent_workflow_tasks,
+        sticky_queue_schedule_to_start_timeout=timedelta(seconds=settings.worker.sticky_schedule_to_start_s),
         graceful_shutdown_timeout=timedelta(seconds=10),
     )
     options.update(overrides)
