@@ -317,12 +317,6 @@ class JobRepository:
             job.updated_at = utcnow()
             return job
 
-    async def set_files(self, build_id: str, files: Sequence[tuple[str, str, int]]) -> None:
-        """Replace the build's file list with `files` ((path, digest, size); contents already in
-        the blob store). Idempotent: a retried write leaves the same rows."""
-        async with self._write() as session:
-            await self._replace_files(session, build_id, files)
-
     async def store_files(self, build_id: str, files: Sequence[tuple[str, bytes]]) -> list[tuple[str, str, int]]:
         """The contents into the blob store and `files` ((path, content)) as the build's file list, in
         one transaction; returns (path, digest, size) in order. Idempotent like its two halves."""

@@ -202,10 +202,11 @@ async def test_a_version_that_no_longer_starts_answers_503_with_its_debug_id(pre
     v = await build(stack, "breaks later")
     # Its stored Procfile now names a command that fails (as if a host change broke it).
     [procfile] = [f for f in await stack.repo.get_files(v["build_id"]) if f.path == "Procfile"]
-    broken = (await stack.repo.put_blobs([b"web: python3 -c 'raise SystemExit(3)'\n"]))[0]
     stored = await stack.repo.get_files(v["build_id"])
-    files = [(f.path, broken if f.path == "Procfile" else f.digest, f.size) for f in stored]
-    await stack.repo.set_files(v["build_id"], files)
+    contents = await stack.repo.get_blobs([f.digest for f in stored])
+    broken_procfile = b"web: python3 -c 'raise SystemExit(3)'\n"
+    files = [(f.path, broken_procfile if f.path == "Procfile" else contents[f.digest]) for f in stored]
+    [broken] = [digest for path, digest, _ in await stack.repo.store_files(v["build_id"], files) if path == "Procfile"]
     assert procfile.digest != broken
     await stack.sandboxes.kill(v["sandbox_id"])
     async with preview_client(timeout=60) as client:
