@@ -40,6 +40,7 @@ from workflows.types import (
     SandboxInfo,
     SandboxInput,
     ScaffoldState,
+    StartInput,
     SyncFilesInput,
     SyncFilesResult,
     TransitionInput,
@@ -178,6 +179,7 @@ class BuildActivities:
         return [
             self.record_transition,
             self.record_attempt,
+            self.start_build,
             self.create_initial_state,
             self.prepare_change,
             self.generate_code,
@@ -206,10 +208,10 @@ class BuildActivities:
     async def _record_transition(self, inp: TransitionInput) -> None:
         try:
             if inp.stage == Stage.STARTING.value:
-                await self.repo.create_job(
+                await self.repo.ensure_job(
                     inp.build_id, inp.project_id, inp.goal, workflow_id=inp.workflow_id, run_id=inp.run_id
                 )
-            await self.repo.transition(
+            await self.repo.advance(
                 inp.build_id,
                 Stage(inp.stage),
                 message=inp.message,
@@ -267,11 +269,23 @@ class BuildActivities:
             build_version=job.build_version or "", version_url=job.preview_url or "", preview=self.preview
         )
 
+    @activity.defn(name="start_build")
+    @failures_as_application_errors
+    async def start_build(self, inp: StartInput) -> ScaffoldState | None:
+        """The build's first local write and, for a new app, SCAFFOLD's work after it: that work is
+        pure (no I/O), so it needs no activity, workflow task and history events of its own."""
+        await self._record_transition(inp.transition)
+        return self._initial_state(inp.scaffold) if inp.scaffold is not None else None
+
     # --- SCAFFOLD ---
 
     @activity.defn(name="create_initial_state")
     @failures_as_application_errors
     async def create_initial_state(self, state: ScaffoldState) -> ScaffoldState:
+        """SCAFFOLD of a new app in histories before START_SCAFFOLDS_PATCH (start_build does it now)."""
+        return self._initial_state(state)
+
+    def _initial_state(self, state: ScaffoldState) -> ScaffoldState:
         runner = self._runner(state.runner)
         if not state.goal.strip():
             raise GenloopError(ErrorKind.INVALID_INPUT, "empty goal")

@@ -15,6 +15,7 @@ BENCHMARKS = {
     "concurrency": "bench.concurrency_bench",
     "modes": "bench.modes_bench",
     "levers": "bench.levers_bench",
+    "persistence": "bench.persistence_bench",
     "sandbox-host": "bench.sandbox_host_bench",
     "fix": "bench.fix_bench",
     "hosts": "bench.hosts_bench",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -250,12 +251,18 @@ class WarningCounter(logging.Handler):
         super().__init__(logging.WARNING)
         self.count = 0
         self.slow_tasks = 0
+        self.slow_by_workflow: collections.Counter[str] = collections.Counter()
+        self.first_slow: str | None = None
         self.first: str | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
         if SLOW_TASK in message:
             self.slow_tasks += 1
+            fields = getattr(getattr(record, "temporal_log", None), "fields", None) or {}
+            self.slow_by_workflow[str(fields.get("workflow_type", "?"))] += 1
+            if self.first_slow is None:
+                self.first_slow = f"{message} {fields}"[:400]
             return
         self.count += 1
         if self.first is None:

@@ -78,10 +78,10 @@ class MemoryRepositoryDouble:
     def __init__(self) -> None:
         self.blobs: dict[str, bytes] = {}
 
-    async def create_job(self, *args: Any, **kwargs: Any) -> None:
+    async def ensure_job(self, *args: Any, **kwargs: Any) -> None:
         return None
 
-    async def transition(self, *args: Any, **kwargs: Any) -> None:
+    async def advance(self, *args: Any, **kwargs: Any) -> None:
         return None
 
     async def set_sandbox(self, *args: Any, **kwargs: Any) -> None:

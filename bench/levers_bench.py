@@ -14,9 +14,11 @@ Variants:
     with the instant doubles the first probe answers, so only the SSL context costs here);
   * now: genloop as is;
   * now with transitions as ORM units of work (levers.orm_transitions), now with CODE, DEPS and
-    CHECKS recorded by local activities (levers.transitions_as_local_activities), and now with
-    STARTING and SCAFFOLD written apart and ProjectId/BuildVersion upserted on their own
-    (bench.levers_workflow: a workflow subclass, the patch's old path): each lever off alone;
+    CHECKS recorded by local activities (levers.transitions_as_local_activities), now with a new
+    app's SCAFFOLD work in an activity of its own, and now with STARTING and SCAFFOLD written apart
+    and ProjectId/BuildVersion upserted on their own (bench.levers_workflow: workflow subclasses,
+    the patches' old paths), and now with 100 workflow-task slots (settings.worker's old default):
+    each lever off alone;
   * UnsandboxedWorkflowRunner (workflow sandbox off; shown for its size, NOT proposed: the sandbox
     is what catches non-deterministic code);
   * now with the repository replaced by an in-memory double: not a proposal, it measures what the
@@ -33,7 +35,7 @@ import os
 from temporalio.worker import UnsandboxedWorkflowRunner
 
 from bench import common, levers
-from bench.levers_workflow import BuildWorkflowTwoStartWrites
+from bench.levers_workflow import BuildWorkflowScaffoldActivity, BuildWorkflowTwoStartWrites
 from bench.overhead_bench import CONCURRENCY, WARMUP, pair_stack
 
 SCALE = float(os.environ.get("BENCH_SCALE", "1"))
@@ -46,8 +48,18 @@ VARIANTS = (
     ("now with ORM transitions (before the Core lever)", {}, levers.orm_transitions),
     ("now with CODE/DEPS/CHECKS as local activities (before)", {}, levers.transitions_as_local_activities),
     (
+        "now with SCAFFOLD's work in an activity of its own (before)",
+        {"build_workflow": BuildWorkflowScaffoldActivity},
+        contextlib.nullcontext,
+    ),
+    (
         "now with STARTING, SCAFFOLD in two writes, 3 more upserts (before)",
         {"build_workflow": BuildWorkflowTwoStartWrites},
+        contextlib.nullcontext,
+    ),
+    (
+        "now with 100 workflow-task slots (before)",
+        {"max_concurrent_workflow_tasks": 100},
         contextlib.nullcontext,
     ),
     (
@@ -86,10 +98,13 @@ async def run() -> None:
             ]
             batches = {label: common.Batch() for label, _, _ in runs}
             cpu = {label: common.CpuMeter(server) for label, _, _ in runs}
+            slow = dict.fromkeys(batches, 0)  # TMPRL1104 logged while the variant's batches ran
             for _ in range(ROUNDS):
                 for label, one, toggle in runs:
+                    before = warnings.slow_tasks
                     with toggle(), cpu[label]:
                         batches[label].add(await common.run_batch(one, BATCH, CONCURRENCY))
+                    slow[label] += warnings.slow_tasks - before
 
     n = ROUNDS * BATCH
     base = batches[VARIANTS[BASE][0]]
@@ -105,12 +120,13 @@ async def run() -> None:
                 common.ms(c.main_s / n),
                 common.ms(c.process_s / n),
                 common.ms(c.server_s / n),
+                str(slow[label]),
             ]
         )
     common.print_table(
         f"worker-side levers, before vs now: {n} BuildWorkflow runs per variant at concurrency {CONCURRENCY} "
         f"(round-robin batches of {BATCH})",
-        ["variant", "wf/s", "vs now", "p50", "main thread CPU/wf", "worker CPU/wf", "dev server CPU/wf"],
+        ["variant", "wf/s", "vs now", "p50", "main thread CPU/wf", "worker CPU/wf", "dev server CPU/wf", "TMPRL1104"],
         rows,
     )
     print(warnings.summary())

@@ -139,10 +139,12 @@ async def _measure(warnings: common.WarningCounter) -> None:
             raw1, gen1 = await single_runs(pair, SINGLE)
             server = common.dev_server_pid()
             cpu = {"raw": common.CpuMeter(server), "genloop": common.CpuMeter(server)}
+            before = warnings.slow_by_workflow.copy()
             raw, gen, notes = await throughput(pair, TOTAL, BATCH, CONCURRENCY, cpu)
-            slow_at = {CONCURRENCY: warnings.slow_tasks}
+            slow_at = {CONCURRENCY: warnings.slow_by_workflow - before}
+            before = warnings.slow_by_workflow.copy()
             raw_high, gen_high, _ = await throughput(pair, TOTAL, BATCH, HIGH_CONCURRENCY)
-            slow_at[HIGH_CONCURRENCY] = warnings.slow_tasks - slow_at[CONCURRENCY]
+            slow_at[HIGH_CONCURRENCY] = warnings.slow_by_workflow - before
             sizes = {kind: await history_size(env.client, wid) for kind, wid in pair.last_ids.items()}
 
     print(
@@ -183,8 +185,15 @@ async def _measure(warnings: common.WarningCounter) -> None:
             ],
         ],
     )
-    print(", ".join(f"{n} {common.SLOW_TASK} at concurrency {c}" for c, n in slow_at.items()))
+    for c, slow in slow_at.items():
+        other = {k: n for k, n in slow.items() if k not in (RAW_WORKFLOW_NAME, WORKFLOW_NAME)}
+        print(
+            f"{common.SLOW_TASK} at concurrency {c}: raw {slow[RAW_WORKFLOW_NAME]}, "
+            f"BuildWorkflow {slow[WORKFLOW_NAME]}" + (f", other {other}" if other else "")
+        )
     print(warnings.summary())
+    if warnings.first_slow:
+        print(f"first {common.SLOW_TASK}: {warnings.first_slow}")
     per = lambda kind, attr: common.ms(getattr(cpu[kind], attr) / TOTAL)  # noqa: E731
     common.print_table(
         "what one workflow costs (CPU per workflow during the throughput batches; history of one run)",

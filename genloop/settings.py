@@ -78,7 +78,9 @@ class TemporalSettings(_Section):
 class WorkerSettings(_Section):
     max_concurrent_activities: int = Field(200, ge=1)
     max_concurrent_local_activities: int = Field(200, ge=1)
-    max_concurrent_workflow_tasks: int = Field(100, ge=2)
+    # Workflow tasks only interleave on the one event loop: more at once only stretches each (the
+    # first one holds the start write), past the SDK's 5 s warning at 100 builds at once (bench overhead).
+    max_concurrent_workflow_tasks: int = Field(10, ge=2)
     # A workflow task waits this long on the queue of the worker that ran the workflow last (its
     # sticky cache) before any worker may take it. The SDK's 10 s is how long a build stood still
     # after its worker's machine died (bench hosts).

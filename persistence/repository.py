@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -35,6 +35,33 @@ _BLOB_BATCH = 500
 CORE_TRANSITIONS = True
 # The stages a build may move to each stage from (the stage table, inverted).
 _SOURCES = {target: [s.value for s in Stage if s is not target and is_allowed(s, target)] for target in Stage}
+
+# The hot path's statements, built once: on the table (no ORM entity to load or refresh), with the
+# SET columns given per call, so SQLAlchemy reuses one compiled form per column set.
+_JOBS, _TRANSITIONS = Job.__table__, JobTransition.__table__
+# Only matches a row in a stage allowed to move to the target: the validation and the row lock in one.
+_MOVE = {
+    target: update(_JOBS)
+    .where(_JOBS.c.id == bindparam("b_id"), _JOBS.c.status.in_(_SOURCES[target]))
+    .returning(_JOBS.c.id)
+    for target in Stage
+}
+# Numbers itself: the UPDATE above holds the job's row lock, and every transition goes through it.
+_INSERT_TRANSITION = insert(_TRANSITIONS).values(
+    build_id=bindparam("b_id"),
+    seq=select(func.coalesce(func.max(_TRANSITIONS.c.seq), 0) + 1)
+    .where(_TRANSITIONS.c.build_id == bindparam("b_id"))
+    .scalar_subquery(),
+    stage=bindparam("t_stage"),
+    message=bindparam("t_message"),
+    at=bindparam("t_at"),
+)
+_SET_SANDBOX = update(_JOBS).where(_JOBS.c.id == bindparam("b_id")).returning(_JOBS.c.id)
+_LOCK_JOB = select(_JOBS.c.id).where(_JOBS.c.id == bindparam("b_id")).with_for_update()
+_LOG_COUNTERS = select(_JOBS.c.log_seq, _JOBS.c.log_bytes).where(_JOBS.c.id == bindparam("b_id")).with_for_update()
+_SET_LOG_COUNTERS = update(_JOBS).where(_JOBS.c.id == bindparam("b_id"))
+_DELETE_FILES = delete(BuildFile.__table__).where(BuildFile.__table__.c.build_id == bindparam("b_id"))
+_INSERT_FILE = insert(BuildFile.__table__)
 
 
 MAX_LOG_PAGE = 5000
@@ -69,6 +96,11 @@ class JobRepository:
         self._dialect = bind.dialect.name
         self._where = describe_url(bind.url)
         self._owned_engine: AsyncEngine | None = None
+        # A concurrent or repeated create (activity retry) loses quietly instead of raising.
+        self._insert_job_row = self._insert(_JOBS).on_conflict_do_nothing(index_elements=["id"]).returning(_JOBS.c.id)
+        # Executed with a list of rows (executemany): one compiled statement for any number of rows.
+        self._insert_blob = self._insert(Blob.__table__).on_conflict_do_nothing(index_elements=["digest"])
+        self._insert_log = self._insert(BuildLog.__table__).on_conflict_do_nothing()
 
     @classmethod
     def from_url(cls, url: str) -> JobRepository:
@@ -97,21 +129,29 @@ class JobRepository:
         """Insert the job as `queued` with its first transition. An existing job is returned as is.
         `lineage`: the request's columns (kind, runner, stack, base_build_id, base_version,
         change_request, edited_paths, request_digest)."""
-        unknown = set(lineage) - _LINEAGE_COLUMNS
-        if unknown:
-            raise ValueError(f"not lineage columns: {sorted(unknown)}")
         async with self._write() as session:
             await self._insert_job(session, build_id, project_id, goal, workflow_id, run_id, lineage)
             return await self._locked_job(session, build_id)
+
+    async def ensure_job(
+        self, build_id: str, project_id: str, goal: str, *, workflow_id: str | None = None, run_id: str | None = None
+    ) -> None:
+        """create_job for a caller that does not need the row back (a build's start write)."""
+        async with self._write() as session:
+            await self._insert_job(session, build_id, project_id, goal, workflow_id, run_id, {})
 
     async def _insert_job(
         self, session: AsyncSession, build_id: str, project_id: str, goal: str, workflow_id: str | None,
         run_id: str | None, lineage: dict[str, Any],
     ) -> None:
+        unknown = set(lineage) - _LINEAGE_COLUMNS
+        if unknown:
+            raise ValueError(f"not lineage columns: {sorted(unknown)}")
         now = utcnow()
-        inserted = await session.execute(
-            self._insert(Job)
-            .values(
+        conn = await session.connection()
+        inserted = await conn.execute(
+            self._insert_job_row,
+            dict(
                 id=build_id,
                 project_id=project_id,
                 goal=goal,
@@ -122,16 +162,12 @@ class JobRepository:
                 created_at=now,
                 updated_at=now,
                 **lineage,
-            )
-            # A concurrent or repeated create (activity retry) loses quietly instead of raising.
-            .on_conflict_do_nothing(index_elements=["id"])
-            .returning(Job.id)
+            ),
         )
         if inserted.scalar_one_or_none() is not None:
-            await session.execute(
-                insert(JobTransition).values(
-                    build_id=build_id, seq=1, stage=Stage.QUEUED.value, message=Stage.QUEUED.label, at=now
-                )
+            await conn.execute(
+                _INSERT_TRANSITION,
+                {"b_id": build_id, "t_stage": Stage.QUEUED.value, "t_message": Stage.QUEUED.label, "t_at": now},
             )
 
     async def transition(
@@ -152,6 +188,35 @@ class JobRepository:
 
         Re-applying the current stage is a no-op (an activity retried after its commit landed).
         """
+        job = await self._transition(
+            build_id, stage, message, at, error_message, error_detail, debug_id, run_id, then, load=True
+        )
+        assert job is not None
+        return job
+
+    async def advance(
+        self,
+        build_id: str,
+        stage: Stage,
+        *,
+        message: str = "",
+        at: datetime | None = None,
+        error_message: str | None = None,
+        error_detail: str | None = None,
+        debug_id: str | None = None,
+        run_id: str | None = None,
+        then: Stage | None = None,
+    ) -> None:
+        """transition() for a caller that does not need the row back (the activities): the hot path
+        then loads no row at all."""
+        await self._transition(
+            build_id, stage, message, at, error_message, error_detail, debug_id, run_id, then, load=False
+        )
+
+    async def _transition(
+        self, build_id: str, stage: Stage, message: str, at: datetime | None, error_message: str | None,
+        error_detail: str | None, debug_id: str | None, run_id: str | None, then: Stage | None, *, load: bool,
+    ) -> Job | None:
         extra = {
             field: value
             for field, value in (
@@ -163,19 +228,23 @@ class JobRepository:
             if value is not None
         }
         async with self._write() as session:
-            job = await self._move(session, build_id, Stage(stage), message, at, extra)
+            moved = await self._move(session, build_id, Stage(stage), message, at, extra)
             if then is not None:
-                job = await self._move(session, build_id, then, then.label, at, {})
-            return job
+                moved = await self._move(session, build_id, then, then.label, at, {})
+            if not load:
+                return None
+            if isinstance(moved, Job):
+                return moved
+            # The hot path wrote through the connection: the session has no row yet, or a stale one.
+            return await session.get(Job, build_id, populate_existing=True)
 
     async def _move(
         self, session: AsyncSession, build_id: str, stage: Stage, message: str, at: datetime | None,
         extra: dict[str, str],
-    ) -> Job:
-        if CORE_TRANSITIONS:
-            job = await self._transition_in_two_statements(session, build_id, stage, message, at, extra)
-            if job is not None:
-                return job
+    ) -> Job | bool:
+        """True when the hot path moved the row; else the row, moved (or already there) by the ORM."""
+        if CORE_TRANSITIONS and await self._transition_in_two_statements(session, build_id, stage, message, at, extra):
+            return True
         # Not found, the current stage again (a no-op), an illegal move, or the lever off.
         job = await self._locked_job(session, build_id)
         if job.stage is stage:
@@ -184,45 +253,44 @@ class JobRepository:
         for field, value in extra.items():
             setattr(job, field, value)
         await self._record_transition(session, job, stage, message, at)
+        await session.flush()  # a hot-path move after this one in the same transaction must see it
         return job
 
     async def _transition_in_two_statements(
         self, session: AsyncSession, build_id: str, stage: Stage, message: str, at: datetime | None,
         extra: dict[str, str],
-    ) -> Job | None:
+    ) -> bool:
         """The hot path: an UPDATE that only matches a row in a stage allowed to move to `stage`
         (the row lock and the validation in one statement) and an INSERT that numbers the
-        transition itself. None when nothing matched: the caller's slow path says why."""
+        transition itself. False when nothing matched: the caller's slow path says why."""
         text, now = message or stage.label, utcnow()
-        moved = await session.execute(
-            update(Job)
-            .where(Job.id == build_id, Job.status.in_(_SOURCES[stage]))
-            .values(status=stage.value, status_message=text, updated_at=now, **extra)
-            .returning(Job),
-            # populate_existing: a second move in the same session refreshes the job it returned first.
-            execution_options={"synchronize_session": False, "populate_existing": True},
+        conn = await session.connection()
+        moved = await conn.execute(
+            _MOVE[stage], {"b_id": build_id, "status": stage.value, "status_message": text, "updated_at": now, **extra}
         )
-        job = moved.scalar_one_or_none()
-        if job is None:
-            return None
-        next_seq = (
-            select(func.coalesce(func.max(JobTransition.seq), 0) + 1)
-            .where(JobTransition.build_id == build_id)
-            .scalar_subquery()
+        if moved.scalar_one_or_none() is None:
+            return False
+        await conn.execute(
+            _INSERT_TRANSITION, {"b_id": build_id, "t_stage": stage.value, "t_message": text, "t_at": at or now}
         )
-        await session.execute(
-            insert(JobTransition).values(build_id=build_id, seq=next_seq, stage=stage.value, message=text, at=at or now)
-        )
-        return job
+        return True
 
-    async def set_sandbox(self, build_id: str, sandbox_id: str, workspace_path: str, *, host: str | None = None) -> Job:
+    async def set_sandbox(
+        self, build_id: str, sandbox_id: str, workspace_path: str, *, host: str | None = None
+    ) -> None:
         async with self._write() as session:
-            job = await self._locked_job(session, build_id)
-            job.sandbox_id = sandbox_id
-            job.workspace_path = workspace_path
-            job.sandbox_host = host
-            job.updated_at = utcnow()
-            return job
+            updated = await (await session.connection()).execute(
+                _SET_SANDBOX,
+                {
+                    "b_id": build_id,
+                    "sandbox_id": sandbox_id,
+                    "workspace_path": workspace_path,
+                    "sandbox_host": host,
+                    "updated_at": utcnow(),
+                },
+            )
+            if updated.scalar_one_or_none() is None:
+                raise GenloopError(ErrorKind.NOT_FOUND, f"build {build_id} not found")
 
     async def allocate_build_version(self, build_id: str, project_id: str) -> str:
         """`build_v0_N`, N one above the project's last; the same value again for the same build."""
@@ -329,12 +397,12 @@ class JobRepository:
         return listed
 
     async def _replace_files(self, session: AsyncSession, build_id: str, files: Sequence[tuple[str, str, int]]) -> None:
-        await self._locked_job(session, build_id)
-        await session.execute(delete(BuildFile).where(BuildFile.build_id == build_id))
+        conn = await session.connection()
+        if (await conn.execute(_LOCK_JOB, {"b_id": build_id})).one_or_none() is None:
+            raise GenloopError(ErrorKind.NOT_FOUND, f"build {build_id} not found")
+        await conn.execute(_DELETE_FILES, {"b_id": build_id})
         if files:
-            await session.execute(
-                self._insert(BuildFile).values([dict(build_id=build_id, path=p, digest=d, size=n) for p, d, n in files])
-            )
+            await conn.execute(_INSERT_FILE, [dict(build_id=build_id, path=p, digest=d, size=n) for p, d, n in files])
 
     async def get_files(self, build_id: str) -> list[BuildFile]:
         async with self._read() as session:
@@ -487,11 +555,14 @@ class JobRepository:
         if not lines:
             return AppendResult(0, False)
         async with self._write() as session:
-            job = await self._locked_job(session, build_id)
+            conn = await session.connection()
+            counters = (await conn.execute(_LOG_COUNTERS, {"b_id": build_id})).one_or_none()
+            if counters is None:
+                raise GenloopError(ErrorKind.NOT_FOUND, f"build {build_id} not found")
             sources = sorted({line.source for line in lines})
             stored_upto = dict(
                 (
-                    await session.execute(
+                    await conn.execute(
                         select(BuildLog.source, func.max(BuildLog.line_no))
                         .where(BuildLog.build_id == build_id, BuildLog.source.in_(sources))
                         .group_by(BuildLog.source)
@@ -501,7 +572,7 @@ class JobRepository:
             rows: list[dict[str, Any]] = []
             # Counted in locals and written back once: an ORM attribute set per line cost more
             # than the insert.
-            seq, used = job.log_seq, job.log_bytes
+            seq, used = counters
             truncated = used >= cap_bytes
             for line in lines:
                 if truncated:
@@ -531,10 +602,10 @@ class JobRepository:
                     )
                 )
             if rows:
-                job.log_seq, job.log_bytes = seq, used
+                await conn.execute(_SET_LOG_COUNTERS, {"b_id": build_id, "log_seq": seq, "log_bytes": used})
                 # Core executemany on the table: one cached statement for any batch size (a VALUES
                 # list per batch is compiled anew each time; the ORM's bulk path costs per row).
-                await session.execute(self._insert(BuildLog.__table__).on_conflict_do_nothing(), rows)
+                await conn.execute(self._insert_log, rows)
             return AppendResult(len(rows), truncated)
 
     async def list_logs(
@@ -606,10 +677,8 @@ class JobRepository:
     async def _insert_blobs(self, session: AsyncSession, rows: dict[str, bytes]) -> None:
         if rows:
             now = utcnow()
-            await session.execute(
-                self._insert(Blob)
-                .values([dict(digest=d, size=len(c), content=c, created_at=now) for d, c in rows.items()])
-                .on_conflict_do_nothing(index_elements=["digest"])
+            await (await session.connection()).execute(
+                self._insert_blob, [dict(digest=d, size=len(c), content=c, created_at=now) for d, c in rows.items()]
             )
 
     async def get_blob(self, digest: str) -> bytes:
@@ -677,15 +746,13 @@ class JobRepository:
     ) -> None:
         # Safe without a sequence: the caller holds the job row lock, and every transition of a
         # build goes through it. The (build_id, seq) unique constraint backs this up.
-        last_seq = await session.scalar(select(func.max(JobTransition.seq)).where(JobTransition.build_id == job.id))
         text = message or stage.label
         job.status = stage.value
         job.status_message = text
         job.updated_at = utcnow()
-        session.add(
-            JobTransition(
-                build_id=job.id, seq=(last_seq or 0) + 1, stage=stage.value, message=text, at=at or job.updated_at
-            )
+        await (await session.connection()).execute(
+            _INSERT_TRANSITION,
+            {"b_id": job.id, "t_stage": stage.value, "t_message": text, "t_at": at or job.updated_at},
         )
 
     # --- API: health and the event feed --------------------------------------------------------

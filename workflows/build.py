@@ -41,6 +41,7 @@ with workflow.unsafe.imports_passed_through():
         SandboxInfo,
         SandboxInput,
         ScaffoldState,
+        StartInput,
         SyncFilesInput,
         SyncFilesResult,
         Transition,
@@ -64,6 +65,12 @@ HOST_FAILOVER_PATCH = "host-failover"  # a build whose sandbox host is lost move
 # STARTING and SCAFFOLD in one local write; ProjectId rides on the first BuildStage upsert and
 # BuildVersion on READY's (a local activity, a transaction and 3 upserts fewer per build).
 ONE_START_WRITE_PATCH = "one-start-write"
+# ...and a new app's SCAFFOLD work (the runner's initial state: pure, no I/O) runs in that write's
+# local activity: an activity, a workflow task and 6 history events fewer per build. CODE then
+# follows in the same workflow task, so SCAFFOLD's search-attribute upsert (which no one could see:
+# the task's commands apply together) is left to CODE's. Implies the one-start-write path; checked
+# first, so a new history carries this patch's marker only.
+START_SCAFFOLDS_PATCH = "start-scaffolds"
 # Activities that touch a sandbox run on its host's queue; nobody polling it for this long means the
 # host (and its worker) is gone.
 HOST_SCHEDULE_TO_START = timedelta(seconds=5)
@@ -159,7 +166,9 @@ class _Cancelled(Exception):
 
 @workflow.defn(name=WORKFLOW_NAME)
 class BuildWorkflow:
-    # bench levers runs a subclass with False: the start as before ONE_START_WRITE_PATCH.
+    # bench levers runs subclasses with False: the start as before START_SCAFFOLDS_PATCH, or as
+    # before ONE_START_WRITE_PATCH (both False).
+    start_scaffolds = True
     one_start_write = True
 
     @workflow.init
@@ -178,6 +187,7 @@ class BuildWorkflow:
         # the next activity that can (its input has `entered`) or the next local write records them.
         self._deferred: list[TransitionInput] | None = None
         self._one_start_write = False  # ONE_START_WRITE_PATCH, decided first thing in run()
+        self._start_scaffolds = False  # START_SCAFFOLDS_PATCH, likewise
         self._project_attribute_pending = False  # ProjectId not upserted yet (with the patch)
 
     # --- interface ---
@@ -196,7 +206,10 @@ class BuildWorkflow:
 
     @workflow.run
     async def run(self, req: BuildRequest) -> BuildResult:
-        self._one_start_write = self.one_start_write and workflow.patched(ONE_START_WRITE_PATCH)
+        self._start_scaffolds = self.start_scaffolds and workflow.patched(START_SCAFFOLDS_PATCH)
+        self._one_start_write = self._start_scaffolds or (
+            self.one_start_write and workflow.patched(ONE_START_WRITE_PATCH)
+        )
         self._project_attribute_pending = self._one_start_write
         if not self._one_start_write:
             workflow.upsert_search_attributes([PROJECT_ID.value_set(req.project_id)])
@@ -219,8 +232,9 @@ class BuildWorkflow:
     # --- the pipeline ---
 
     async def _build(self, req: BuildRequest) -> BuildResult:
+        scaffolded: ScaffoldState | None = None
         if self._one_start_write:
-            await self._start()
+            scaffolded = await self._start(req)
         else:
             await self._enter(Stage.STARTING)
             await self._enter(Stage.SCAFFOLD)
@@ -248,17 +262,7 @@ class BuildWorkflow:
                     f"{len(code.files)} files {what} from {prepared.base_version or prepared.base_build_id}"
                 )
         else:
-            state = await self._activity(
-                "create_initial_state",
-                ScaffoldState(
-                    session_id=req.build_id,
-                    project_path=WORKSPACE_PATH,
-                    goal=req.goal,
-                    project_id=req.project_id,
-                    runner=req.runner,
-                ),
-                ScaffoldState,
-            )
+            state = scaffolded or await self._activity("create_initial_state", self._scaffold(req), ScaffoldState)
             self._defer_if(state)
             await self._enter(Stage.CODE)
             code = await self._code(state, "new_app", None)
@@ -489,18 +493,45 @@ class BuildWorkflow:
         if self._cancel_reason is not None:
             raise _Cancelled()
 
-    async def _start(self) -> None:
+    async def _start(self, req: BuildRequest) -> ScaffoldState | None:
         """STARTING and SCAFFOLD in one local write (the job row and both transitions), shown with
-        one upsert: SCAFFOLD's work starts after both are persisted."""
+        one upsert: SCAFFOLD's work starts after both are persisted. With START_SCAFFOLDS_PATCH a new
+        app's SCAFFOLD work follows in the same local activity, which returns its state."""
         self._check_not_cancelled()
-        await workflow.execute_local_activity(
-            "record_transition",
-            self._transition(Stage.STARTING, Stage.STARTING.label, then=Stage.SCAFFOLD.value),
-            summary="Record STARTING, SCAFFOLD",
-            **DB_WRITE,
-        )
+        transition = self._transition(Stage.STARTING, Stage.STARTING.label, then=Stage.SCAFFOLD.value)
+        state: ScaffoldState | None = None
+        if not self._start_scaffolds:
+            await workflow.execute_local_activity(
+                "record_transition", transition, summary="Record STARTING, SCAFFOLD", **DB_WRITE
+            )
+        else:
+            try:
+                state = await workflow.execute_local_activity(
+                    "start_build",
+                    StartInput(transition=transition, scaffold=None if req.kind == "change" else self._scaffold(req)),
+                    result_type=ScaffoldState,
+                    summary="Record STARTING, SCAFFOLD; scaffold",
+                    **DB_WRITE,
+                )
+            except ActivityError as err:
+                cause = err.cause
+                if isinstance(cause, ApplicationError) and cause.type == ErrorKind.INVALID_INPUT.value:
+                    # SCAFFOLD's work refused the request: both stages were written before it ran.
+                    self._set_stage(Stage.STARTING, Stage.STARTING.label, upsert=False)
+                    self._set_stage(Stage.SCAFFOLD, Stage.SCAFFOLD.label)
+                raise
         self._set_stage(Stage.STARTING, Stage.STARTING.label, upsert=False)
-        self._set_stage(Stage.SCAFFOLD, Stage.SCAFFOLD.label)
+        self._set_stage(Stage.SCAFFOLD, Stage.SCAFFOLD.label, upsert=state is None)
+        return state
+
+    def _scaffold(self, req: BuildRequest) -> ScaffoldState:
+        return ScaffoldState(
+            session_id=req.build_id,
+            project_path=WORKSPACE_PATH,
+            goal=req.goal,
+            project_id=req.project_id,
+            runner=req.runner,
+        )
 
     async def _enter(self, stage: Stage, message: str | None = None, **fields) -> None:
         """Persist the stage before its work starts, then show it in the query and the Web UI. A

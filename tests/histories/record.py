@@ -9,7 +9,8 @@ build repaired by the fix loop with a fake model (build_fixed), a project's line
 (project_changes, with its child build_change), a version's preview lifecycle, and a build whose
 sandbox host is lost and which moves to another (build_host_failover); build_deferred and
 build_fixed_deferred have CODE/DEPS/CHECKS recorded by their activities (transitions_in_activities);
-build_one_start_write has STARTING and SCAFFOLD in one write (ONE_START_WRITE_PATCH). Never re-record an existing
+build_one_start_write has STARTING and SCAFFOLD in one write (ONE_START_WRITE_PATCH), build_start_scaffolds
+also SCAFFOLD's work in that write's local activity (START_SCAFFOLDS_PATCH). Never re-record an existing
 history for a workflow change: old histories must keep replaying (patch the change instead).
 """
 
@@ -60,7 +61,7 @@ HERE = Path(__file__).parent
 
 SCENARIOS = ("build_ready", "build_failed", "build_cancelled", "build_fixed", "build_change", "project_changes",
              "preview_lifecycle", "build_host_failover", "build_deferred", "build_fixed_deferred",
-             "build_one_start_write")
+             "build_one_start_write", "build_start_scaffolds")
 
 
 class LostHostOnceActivities(BuildActivities):
@@ -148,6 +149,8 @@ async def _run_scenarios(stack, model, wanted: list[str]) -> None:
         await (await stack.start("stages recorded by their activities", build_id="build_deferred")).result()
     if "build_one_start_write" in wanted:
         await (await stack.start("starting and scaffold in one write", build_id="build_one_start_write")).result()
+    if "build_start_scaffolds" in wanted:
+        await (await stack.start("scaffolded in the first write", build_id="build_start_scaffolds")).result()
     if "build_change" in wanted or "project_changes" in wanted:
         project = "recorded"
         await (await stack.start("the line's first version", project_id=project, build_id="build_base")).result()

@@ -211,11 +211,15 @@ async def test_unknown_build_is_not_found(repo: JobRepository) -> None:
 async def test_set_sandbox(repo: JobRepository) -> None:
     build_id = await new_job(repo)
 
-    job = await repo.set_sandbox(build_id, "sbx-123", "/home/user/project")
+    await repo.set_sandbox(build_id, "sbx-123", "/home/user/project", host="host-a")
 
-    assert (job.sandbox_id, job.workspace_path) == ("sbx-123", "/home/user/project")
     stored = await repo.get(build_id)
-    assert stored is not None and (stored.sandbox_id, stored.workspace_path) == ("sbx-123", "/home/user/project")
+    assert stored is not None
+    assert (stored.sandbox_id, stored.workspace_path, stored.sandbox_host) == (
+        "sbx-123",
+        "/home/user/project",
+        "host-a",
+    )
 
 
 # --- build versions -----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from activities.build import BuildActivities
 from activities.preview import PreviewActivities
 from workflows.build import ACTIVITY_OPTIONS, HOST_ROUTED, activity_options
 
-LOCAL = {"record_transition", "record_attempt", "finish_build", "record_preview"}
+LOCAL = {"start_build", "record_transition", "record_attempt", "finish_build", "record_preview"}
 
 
 def _registered() -> set[str]:

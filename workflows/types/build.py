@@ -2,8 +2,6 @@
 fields can be added later (with defaults) without breaking recorded histories. Times travel as
 ISO-8601 strings."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass, field
 
 from workflows.types.preview import PreviewPolicy
@@ -114,6 +112,15 @@ class ScaffoldState:
 
 
 @dataclass
+class StartInput:
+    """The build's first write (STARTING, then SCAFFOLD) and, for a new app, SCAFFOLD's work: the
+    runner's initial state from `scaffold` (a change's SCAFFOLD is prepare_change's)."""
+
+    transition: TransitionInput
+    scaffold: ScaffoldState | None = None
+
+
+@dataclass
 class FailureInfo:
     """Why an app failed, for the fix loop (bounded and redacted by the activity)."""
 
@@ -122,6 +129,25 @@ class FailureInfo:
     exit_code: int | None
     output: str
     digest: str  # of the normalised output: the same failure twice stops the loop
+
+
+@dataclass
+class FileManifestEntry:
+    path: str
+    digest: str  # sha256 of the content, the claim-check key
+    size: int
+    change_type: str = "create"
+
+
+@dataclass
+class CodeResult:
+    """CODE output: the manifest only. Contents live in the blob store, keyed by digest."""
+
+    files: list[FileManifestEntry]
+    manifest_digest: str
+    total_bytes: int
+    summary: str = ""  # the runner's account of what it changed
+    changed: bool = True  # False: the runner returned no change (a fix that fixes nothing)
 
 
 @dataclass
@@ -185,25 +211,6 @@ class SyncFilesResult:
     written: int
     deleted: int
     dependencies_changed: bool
-
-
-@dataclass
-class FileManifestEntry:
-    path: str
-    digest: str  # sha256 of the content, the claim-check key
-    size: int
-    change_type: str = "create"
-
-
-@dataclass
-class CodeResult:
-    """CODE output: the manifest only. Contents live in the blob store, keyed by digest."""
-
-    files: list[FileManifestEntry]
-    manifest_digest: str
-    total_bytes: int
-    summary: str = ""  # the runner's account of what it changed
-    changed: bool = True  # False: the runner returned no change (a fix that fixes nothing)
 
 
 @dataclass

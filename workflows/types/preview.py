@@ -1,7 +1,5 @@
 """PreviewWorkflow's input, signal, updates and query, and its activities' inputs."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 

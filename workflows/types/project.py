@@ -1,7 +1,5 @@
 """ProjectWorkflow's input, updates and query."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass, field
 
 from workflows.types.build import FileEdit
