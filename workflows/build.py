@@ -11,7 +11,7 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey
-from temporalio.exceptions import ActivityError, ApplicationError, TimeoutType
+from temporalio.exceptions import ActivityError, ApplicationError, FailureError, TimeoutType
 from temporalio.exceptions import TimeoutError as ActivityTimeout
 from temporalio.workflow import ActivityCancellationType, ParentClosePolicy
 
@@ -227,7 +227,15 @@ class BuildWorkflow:
         except ActivityError as err:
             if self._cancel_reason is not None:
                 return await self._finish_cancelled()
-            raise await self._fail(err) from None
+            raise await self._fail(err.cause, err.message) from None
+        except ApplicationError as err:
+            # A local activity's failure arrives unwrapped: the start write's, which since
+            # START_SCAFFOLDS_PATCH also does SCAFFOLD's work (histories before it end as they did).
+            if not self._start_scaffolds:
+                raise
+            if self._cancel_reason is not None:
+                return await self._finish_cancelled()
+            raise await self._fail(err, err.message) from None
 
     # --- the pipeline ---
 
@@ -513,8 +521,8 @@ class BuildWorkflow:
                     summary="Record STARTING, SCAFFOLD; scaffold",
                     **DB_WRITE,
                 )
-            except ActivityError as err:
-                cause = err.cause
+            except (ActivityError, ApplicationError) as err:
+                cause = err.cause if isinstance(err, ActivityError) else err
                 if isinstance(cause, ApplicationError) and cause.type == ErrorKind.INVALID_INPUT.value:
                     # SCAFFOLD's work refused the request: both stages were written before it ran.
                     self._set_stage(Stage.STARTING, Stage.STARTING.label, upsert=False)
@@ -625,14 +633,13 @@ class BuildWorkflow:
             message=reason,
         )
 
-    async def _fail(self, err: ActivityError) -> ApplicationError:
-        cause = err.cause
+    async def _fail(self, cause: BaseException | None, message: str) -> ApplicationError:
         kind_name = cause.type if isinstance(cause, ApplicationError) and cause.type else "Unknown"
         try:
             friendly = ErrorKind(kind_name).friendly
         except ValueError:
             friendly = FRIENDLY_DEFAULT
-        detail = f"{kind_name} in {self._stage.value}: {cause.message if cause is not None else err.message}"
+        detail = f"{kind_name} in {self._stage.value}: {cause.message if isinstance(cause, FailureError) else message}"
         if self._fix_stopped:
             detail = f"{detail}\n(fix loop stopped: {self._fix_stopped})"
         debug_id = str(workflow.uuid4())

@@ -113,6 +113,22 @@ async def test_permanent_runner_failure(build_stack):
     assert debug_id in history.to_json()
 
 
+async def test_request_scaffold_refuses_fails_in_scaffold(build_stack):
+    """SCAFFOLD's work runs in the start write's local activity: a request it refuses (a runner this
+    worker does not have) fails the build in SCAFFOLD, after both stages were recorded."""
+    handle = await build_stack.start(runner="no-such-runner")
+    err = await _failure(handle)
+    assert err.type == "InvalidInput" and err.non_retryable
+
+    job = await build_stack.repo.get(handle.id)
+    assert job.status == "failed" and "InvalidInput in scaffold" in job.error_detail
+    assert "no-such-runner" in job.error_detail
+    assert await _transitions(build_stack.repo, handle.id) == ["queued", "starting", "scaffold", "failed"]
+    status = await handle.query(STATUS_QUERY, result_type=BuildStatus)
+    assert [t.stage for t in status.transitions] == ["starting", "scaffold", "failed"]
+    assert job.sandbox_id is None  # no sandbox before DEPS
+
+
 async def test_app_failing_checks_reports_stderr(build_stack):
     handle = await build_stack.start(runner="broken-app")
     err = await _failure(handle)
