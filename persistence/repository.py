@@ -29,6 +29,7 @@ MAX_PAGE_SIZE = 200
 _LINEAGE_COLUMNS = frozenset(
     {"kind", "runner", "stack", "base_build_id", "base_version", "change_request", "edited_paths", "request_digest"}
 )
+_TRANSITION_FIELDS = frozenset({"message", "at", "error_message", "error_detail", "debug_id", "run_id", "then"})
 # Keeps IN (...) lists well under SQLite's and PostgreSQL's bound-parameter limits.
 _BLOB_BATCH = 500
 # Transitions as two Core statements instead of an ORM unit of work (bench levers toggles it off).
@@ -189,43 +190,30 @@ class JobRepository:
         Re-applying the current stage is a no-op (an activity retried after its commit landed).
         """
         job = await self._transition(
-            build_id, stage, message, at, error_message, error_detail, debug_id, run_id, then, load=True
+            build_id,
+            stage,
+            dict(message=message, at=at, error_message=error_message, error_detail=error_detail,
+                 debug_id=debug_id, run_id=run_id, then=then),
+            load=True,
         )
         assert job is not None
         return job
 
-    async def advance(
-        self,
-        build_id: str,
-        stage: Stage,
-        *,
-        message: str = "",
-        at: datetime | None = None,
-        error_message: str | None = None,
-        error_detail: str | None = None,
-        debug_id: str | None = None,
-        run_id: str | None = None,
-        then: Stage | None = None,
-    ) -> None:
-        """transition() for a caller that does not need the row back (the activities): the hot path
-        then loads no row at all."""
-        await self._transition(
-            build_id, stage, message, at, error_message, error_detail, debug_id, run_id, then, load=False
-        )
+    async def advance(self, build_id: str, stage: Stage, **fields: Any) -> None:
+        """transition() (the same keywords) for a caller that does not need the row back (the
+        activities): the hot path then loads no row at all."""
+        await self._transition(build_id, stage, fields, load=False)
 
-    async def _transition(
-        self, build_id: str, stage: Stage, message: str, at: datetime | None, error_message: str | None,
-        error_detail: str | None, debug_id: str | None, run_id: str | None, then: Stage | None, *, load: bool,
-    ) -> Job | None:
+    async def _transition(self, build_id: str, stage: Stage, fields: dict[str, Any], *, load: bool) -> Job | None:
+        unknown = set(fields) - _TRANSITION_FIELDS
+        if unknown:
+            raise TypeError(f"not transition fields: {sorted(unknown)}")
+        message, at, then = fields.get("message") or "", fields.get("at"), fields.get("then")
+        # Columns set with the move; None leaves a column as it is.
         extra = {
-            field: value
-            for field, value in (
-                ("error_message", error_message),
-                ("error_detail", error_detail),
-                ("debug_id", debug_id),
-                ("run_id", run_id),
-            )
-            if value is not None
+            column: fields[column]
+            for column in ("error_message", "error_detail", "debug_id", "run_id")
+            if fields.get(column) is not None
         }
         async with self._write() as session:
             moved = await self._move(session, build_id, Stage(stage), message, at, extra)
