@@ -130,6 +130,9 @@ class JobRepository:
         """Insert the job as `queued` with its first transition. An existing job is returned as is.
         `lineage`: the request's columns (kind, runner, stack, base_build_id, base_version,
         change_request, edited_paths, request_digest)."""
+        unknown = set(lineage) - _LINEAGE_COLUMNS
+        if unknown:
+            raise ValueError(f"not lineage columns: {sorted(unknown)}")
         async with self._write() as session:
             await self._insert_job(session, build_id, project_id, goal, workflow_id, run_id, lineage)
             return await self._locked_job(session, build_id)
@@ -145,9 +148,6 @@ class JobRepository:
         self, session: AsyncSession, build_id: str, project_id: str, goal: str, workflow_id: str | None,
         run_id: str | None, lineage: dict[str, Any],
     ) -> None:
-        unknown = set(lineage) - _LINEAGE_COLUMNS
-        if unknown:
-            raise ValueError(f"not lineage columns: {sorted(unknown)}")
         now = utcnow()
         conn = await session.connection()
         inserted = await conn.execute(
@@ -558,8 +558,7 @@ class JobRepository:
                 ).all()
             )
             rows: list[dict[str, Any]] = []
-            # Counted in locals and written back once: an ORM attribute set per line cost more
-            # than the insert.
+            # Counted in locals and written back once, after the loop.
             seq, used = counters
             truncated = used >= cap_bytes
             for line in lines:
