@@ -16,7 +16,7 @@ enough to be caught there). BUILDS builds start; once some are in DEPS/CHECKS on
 host are SIGKILLed and b's sandboxes reaped, as when a machine dies. Per moved build: kill → its new
 sandbox recorded on host a (detection and a new sandbox), and kill → READY (which includes the app's
 LATE_S start-up in the new sandbox). Detection is bounded by the heartbeat timeout of the activity
-that was running (workflows.build._HOST_HEARTBEAT) plus the host queue's schedule-to-start timeout
+that was running (workflows.build.HOST_HEARTBEAT_TIMEOUT) plus the host queue's schedule-to-start timeout
 (workflows.build.HOST_SCHEDULE_TO_START), plus, for a build whose workflow the dead worker ran last,
 the wait on that worker's sticky queue (worker.sticky_schedule_to_start_s): measured with genloop's
 setting and with the SDK's default (10 s), side by side.
@@ -40,7 +40,7 @@ from bench import common
 from migrations.apply import upgrade
 from persistence.repository import JobRepository
 from sandbox_host.testing import REPO_ROOT, RunningHost, running_host
-from workflows.build import _HOST_HEARTBEAT, HOST_SCHEDULE_TO_START
+from workflows.build import HOST_HEARTBEAT_TIMEOUT, HOST_SCHEDULE_TO_START
 from workflows.types import WORKFLOW_NAME, BuildRequest, BuildResult
 
 BUILDS = max(6, int(30 * float(os.environ.get("BENCH_SCALE", "1"))))
@@ -185,7 +185,7 @@ async def run() -> None:
                             ("sticky 10 s (the SDK's default)", 10.0)):
         moves = await failover(sticky_s)
         common.print_table(
-            f"host killed mid-build, {label} (heartbeat timeout {_HOST_HEARTBEAT.total_seconds():.0f} s, host "
+            f"host killed mid-build, {label} (heartbeat timeout {HOST_HEARTBEAT_TIMEOUT.total_seconds():.0f} s, host "
             f"queue schedule-to-start {HOST_SCHEDULE_TO_START.total_seconds():.0f} s; the app starts {LATE_S} s "
             "after launch)",
             ("build", "kill → new sandbox on the other host", "kill → READY"),

@@ -108,14 +108,18 @@ DB_WRITE = dict(
     retry_policy=_retry(max_attempts=0, max_interval_s=5),
 )
 _LONG = dict(cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED)
-# Activities on a sandbox host heartbeat every 2 s: 8 s of silence means their worker is gone (then
-# the retry's HOST_SCHEDULE_TO_START on the dead host's queue moves the build; bench hosts times it).
-_HOST_HEARTBEAT = timedelta(seconds=8)
+# Activities on a sandbox host heartbeat every 2 s (the worker sends them on at that rate:
+# genloop.cli.worker): 8 s of silence means their worker is gone (then the retry's
+# HOST_SCHEDULE_TO_START on the dead host's queue moves the build; bench hosts times it).
+HOST_HEARTBEAT_TIMEOUT = timedelta(seconds=8)
 ACTIVITY_OPTIONS: dict[str, dict] = {
     "create_initial_state": dict(start_to_close_timeout=timedelta(seconds=30), retry_policy=_retry(5)),
     "prepare_change": dict(start_to_close_timeout=timedelta(minutes=2), retry_policy=_retry(5)),
     "sync_sandbox_files": dict(
-        start_to_close_timeout=timedelta(minutes=3), heartbeat_timeout=_HOST_HEARTBEAT, retry_policy=_retry(6), **_LONG
+        start_to_close_timeout=timedelta(minutes=3),
+        heartbeat_timeout=HOST_HEARTBEAT_TIMEOUT,
+        retry_policy=_retry(6),
+        **_LONG,
     ),
     "generate_code": dict(
         start_to_close_timeout=timedelta(minutes=10),
@@ -130,10 +134,16 @@ ACTIVITY_OPTIONS: dict[str, dict] = {
         **_LONG,
     ),
     "install_dependencies": dict(
-        start_to_close_timeout=timedelta(minutes=20), heartbeat_timeout=_HOST_HEARTBEAT, retry_policy=_retry(4), **_LONG
+        start_to_close_timeout=timedelta(minutes=20),
+        heartbeat_timeout=HOST_HEARTBEAT_TIMEOUT,
+        retry_policy=_retry(4),
+        **_LONG,
     ),
     "start_and_check": dict(
-        start_to_close_timeout=timedelta(minutes=3), heartbeat_timeout=_HOST_HEARTBEAT, retry_policy=_retry(4), **_LONG
+        start_to_close_timeout=timedelta(minutes=3),
+        heartbeat_timeout=HOST_HEARTBEAT_TIMEOUT,
+        retry_policy=_retry(4),
+        **_LONG,
     ),
     "kill_build_sandboxes": dict(
         start_to_close_timeout=timedelta(seconds=60), retry_policy=_retry(6, max_interval_s=10)

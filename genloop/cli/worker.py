@@ -27,7 +27,7 @@ from activities.sweep import sweep_logs, sweep_orphans
 from genloop.settings import Settings
 from genloop.temporal import connect
 from persistence.repository import JobRepository
-from workflows.build import BuildWorkflow
+from workflows.build import HOST_HEARTBEAT_TIMEOUT, BuildWorkflow
 from workflows.preview import PreviewWorkflow
 from workflows.project import ProjectWorkflow
 
@@ -50,6 +50,10 @@ def build_worker(
         max_concurrent_local_activities=settings.worker.max_concurrent_local_activities,
         max_concurrent_workflow_tasks=settings.worker.max_concurrent_workflow_tasks,
         sticky_queue_schedule_to_start_timeout=timedelta(seconds=settings.worker.sticky_schedule_to_start_s),
+        # The SDK sends an activity's heartbeats at most every 0.8 x its heartbeat timeout: on the host
+        # activities' 8 s that left 1.6 s for the heartbeat to reach the server, which a loaded worker
+        # or server overran (the activity timed out and was retried as if its host were gone).
+        max_heartbeat_throttle_interval=HOST_HEARTBEAT_TIMEOUT / 4,
         graceful_shutdown_timeout=timedelta(seconds=10),
     )
     options.update(overrides)
