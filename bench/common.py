@@ -250,7 +250,6 @@ class WarningCounter(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.count = 0
-        self.slow_tasks = 0
         self.slow_by_workflow: collections.Counter[str] = collections.Counter()
         self.first_slow: str | None = None
         self.first: str | None = None
@@ -258,7 +257,6 @@ class WarningCounter(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
         if SLOW_TASK in message:
-            self.slow_tasks += 1
             fields = getattr(getattr(record, "temporal_log", None), "fields", None) or {}
             self.slow_by_workflow[str(fields.get("workflow_type", "?"))] += 1
             if self.first_slow is None:
@@ -267,6 +265,10 @@ class WarningCounter(logging.Handler):
         self.count += 1
         if self.first is None:
             self.first = message[:300]
+
+    @property
+    def slow_tasks(self) -> int:
+        return sum(self.slow_by_workflow.values())
 
     def __enter__(self) -> WarningCounter:
         forward_core_logs()

@@ -535,12 +535,14 @@ class BuildWorkflow:
                 cause = err.cause if isinstance(err, ActivityError) else err
                 if isinstance(cause, ApplicationError) and cause.type == ErrorKind.INVALID_INPUT.value:
                     # SCAFFOLD's work refused the request: both stages were written before it ran.
-                    self._set_stage(Stage.STARTING, Stage.STARTING.label, upsert=False)
-                    self._set_stage(Stage.SCAFFOLD, Stage.SCAFFOLD.label)
+                    self._show_started(upsert_scaffold=True)
                 raise
-        self._set_stage(Stage.STARTING, Stage.STARTING.label, upsert=False)
-        self._set_stage(Stage.SCAFFOLD, Stage.SCAFFOLD.label, upsert=state is None)
+        self._show_started(upsert_scaffold=state is None)
         return state
+
+    def _show_started(self, *, upsert_scaffold: bool) -> None:
+        self._set_stage(Stage.STARTING, Stage.STARTING.label, upsert=False)
+        self._set_stage(Stage.SCAFFOLD, Stage.SCAFFOLD.label, upsert=upsert_scaffold)
 
     def _scaffold(self, req: BuildRequest) -> ScaffoldState:
         return ScaffoldState(
